@@ -359,10 +359,6 @@ def test_make_source(tmp_path, tfds_dir):
 
 
 def test_make_source_world():
-    try:
-        from dalle3_jax.data.world import WorldConfig, WorldSource  # noqa: F401  (another engineer's)
-    except ImportError:
-        pytest.skip("dalle3_jax.data.world does not provide WorldSource/WorldConfig yet")
     cfg = default_data_config()
     cfg.split = "finetune"
     cfg.world = {"image_size": 32, "finetune_size": 7}
