@@ -430,3 +430,26 @@ def restore_or_init(
     log.info("checkpoint: initialised %d of %d leaves from %s step %d",
              len(loaded), len(fresh_flat), directory, src_step)
     return state, 0, "init_from"
+
+
+def load_model_weights(directory: str, model: nnx.Module, *, step: int | None = None, prefix: str = "model") -> int:
+    """Loads the weights of `model` from a training run's checkpoints, in place; returns the step.
+
+    `directory` holds step directories (a run's `workdir/checkpoints`); the model's state is
+    read from the `prefix` subtree of the saved train state, straight into the shardings the
+    model already has. Evaluation, recaptioning and sampling load finished runs this way.
+    """
+    ckpt = Checkpointer(directory, read_only=True)
+    try:
+        step = ckpt._resolve(step)
+        tree = {prefix: nnx.state(model)}
+        flat, treedef = flatten_state(tree)
+        loaded = ckpt.restore_subset(step, tree, lambda p, v: True)
+    finally:
+        ckpt.close()
+    missing = sorted(set(flat) - set(loaded))
+    if missing:
+        raise ValueError(f"{directory} step {step} lacks {len(missing)} of the model's arrays: "
+                         + _listing("missing", missing))
+    nnx.update(model, _rebuild(treedef, flat, loaded)[prefix])
+    return step

@@ -66,3 +66,38 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(values)
     config.lock()
     return config
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path.py[:variant]` the way `--config=` does: get_config(variant)."""
+    import importlib.util
+    import os
+
+    path, _, variant = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location("_dalle3_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant or None) if variant else module.get_config()
+
+
+def check_overrides(argv: list[str], flag: str = "config") -> None:
+    """Fails with a clear message for `--config.a.b=v` overrides naming a key the config lacks.
+
+    absl's own error for a misspelt key is a bare KeyError deep in a traceback; this check runs
+    before flag parsing and names the key and the valid keys beside it.
+    """
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag}=")), None)
+    overrides = [a[len(flag) + 3:].split("=", 1)[0] for a in argv if a.startswith(f"--{flag}.")]
+    if spec is None or not overrides:
+        return
+    config = load_config_file(spec)
+    for dotted in overrides:
+        node, walked = config, flag
+        for part in dotted.split("."):
+            keys = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+            if part not in keys:
+                valid = ", ".join(sorted(keys)) or "(none: not a config block)"
+                raise SystemExit(f"error: --{flag}.{dotted}: {walked} has no key {part!r}. Valid keys: {valid}")
+            node, walked = node[part], f"{walked}.{part}"

@@ -10,6 +10,7 @@ import os
 
 import jax
 from absl import flags
+from absl import logging as absl_logging
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dalle3_jax", "jax_cache")
 
@@ -27,7 +28,17 @@ def init(*, compilation_cache: str | None = None, log_level: int = logging.INFO)
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    # Orbax and Grain log every file operation through absl at INFO; keep those to warnings and
+    # give the library's own loggers a handler of their own at `log_level`.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    ours = logging.getLogger("dalle3_jax")
+    if not any(getattr(h, "_dalle3_jax", False) for h in ours.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._dalle3_jax = True
+        ours.addHandler(handler)
+    ours.setLevel(log_level)
+    ours.propagate = False
     # Grain's worker processes read absl flags; scripts run without absl.app never parse them.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

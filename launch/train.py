@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dalle3_jax import runtime, trainers  # noqa: E402
+from dalle3_jax import configlib, runtime, trainers  # noqa: E402
 from dalle3_jax.trainers import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
@@ -43,4 +43,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    configlib.check_overrides(sys.argv)
     app.run(main)

@@ -113,6 +113,14 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return image
 
 
+def model_image(image: Any, size: int) -> np.ndarray:
+    """Any image (encoded bytes or uint8 array) -> float32 [size, size, 3] in [-1, 1], exactly as
+    the loader prepares it (evaluation and recaptioning use this to match training inputs)."""
+    image = resize_square(_to_rgb_array(image), size)
+    # (x - 127.5) / 127.5 maps 0 and 255 to exactly -1 and 1.
+    return (image.astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prepare:
     """Record -> example dict with the image ready and the caption text chosen (not tokenised)."""
@@ -128,14 +136,13 @@ class _Prepare:
         index = index % self.num_records
         record_id = str(record.get("id", f"#{index}"))
         try:
-            image = resize_square(_to_rgb_array(record["image"]), self.image_size)
+            image = model_image(record["image"], self.image_size)
         except Exception as e:  # any decoder error makes this one record bad, not the run
             if self.on_bad_image == "raise":
                 raise ValueError(f"record {record_id} (source index {index}): bad image: {e}") from e
             return {_BAD: record_id, "index": index, "error": f"{type(e).__name__}: {e}"}
         example = {
-            # (x - 127.5) / 127.5 maps 0 and 255 to exactly -1 and 1.
-            "image": (image.astype(np.float32) - np.float32(127.5)) / np.float32(127.5),
+            "image": image,
             "caption": _select_caption(record, index, self.caption_field, record_id),
             "index": np.int64(index),
         }

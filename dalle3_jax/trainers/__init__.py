@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-TRAINERS = {}
+TRAINERS = {
+    "captioner": "dalle3_jax.trainers.captioner",
+}
 
 
 def build_task(config, workdir: str):

@@ -299,5 +299,4 @@ def _run_eval(task: Task, model: nnx.Module, step: int, writer: metrics_lib.Metr
     writer.flush()
     shown = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items() if isinstance(v, (int, float)))
     log.info("eval at step %d: %s", step, shown)
-    print(f"eval step {step}: {shown}", flush=True)
     return scalars

@@ -1,0 +1,35 @@
+"""Stage 2b: the descriptive synthetic captioner (DSC), fine-tuned from the pretrained CoCa on
+the finetune split's descriptive ground truth (every object's count, size, colour, shape and
+place, and the background).
+
+    python launch/train.py --config=configs/captioner_descriptive.py --workdir=workdirs/captioner_descriptive
+    python launch/train.py --config=configs/captioner_descriptive.py:tiny,init_from=none --workdir=/tmp/dsc
+
+Variants: `tiny`, `model=S|B|L`, `steps=N`, `init_from=DIR[:STEP]` (default: the pretrain run's
+checkpoints under workdirs/; "none" starts from scratch).
+"""
+
+from dalle3_jax import configlib
+from dalle3_jax.trainers import captioner
+
+
+def get_config(arg=None):
+    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0,
+                              init_from="workdirs/captioner_pretrain/checkpoints")
+    c = captioner.default_config(smoke=arg.tiny, model_variant=arg.model)
+    c.init_from = "" if arg.init_from == "none" else arg.init_from  # params of the pretrained captioner
+    c.data.split = "finetune"  # the small human-labelled set
+    c.input.caption_field = "descriptive"
+    c.loss.w_con = 0.0  # fine-tuning is captioning only
+    c.loss.w_cap = 1.0
+    c.eval.caption_field = "descriptive"
+    c.optim.lr = 5e-4
+    if not arg.tiny:
+        c.total_steps = 3000
+        c.log_every = 100
+        c.eval_every = 1000
+        c.checkpoint_every = 500
+        c.optim.warmup_steps = 100
+    if arg.steps:
+        c.total_steps = arg.steps
+    return c

@@ -1,0 +1,27 @@
+"""Stage 1: CoCa captioner pretraining on the train split's alt-text (contrastive + captioning).
+
+    python launch/train.py --config=configs/captioner_pretrain.py --workdir=workdirs/captioner_pretrain
+    python launch/train.py --config=configs/captioner_pretrain.py:tiny --workdir=/tmp/pretrain_tiny
+
+Variants: `tiny` (a seconds-long smoke run), `model=S|B|L` (architecture size), `steps=N`.
+"""
+
+from dalle3_jax import configlib
+from dalle3_jax.trainers import captioner
+
+
+def get_config(arg=None):
+    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0)
+    c = captioner.default_config(smoke=arg.tiny, model_variant=arg.model)
+    c.data.split = "train"  # the large split; the recipe only uses its alt text
+    c.input.caption_field = "alt"  # web-like alt text: noisy, short, often wrong
+    c.loss.w_con = 1.0  # the contrastive branch gives the image tower its first semantics
+    c.loss.w_cap = 2.0
+    if not arg.tiny:
+        c.total_steps = 3000  # 192k alt-text examples at batch 64
+        c.log_every = 100
+        c.eval_every = 1000
+        c.checkpoint_every = 500
+    if arg.steps:
+        c.total_steps = arg.steps
+    return c

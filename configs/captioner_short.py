@@ -1,0 +1,36 @@
+"""Stage 2a: the short synthetic captioner (SSC), fine-tuned from the pretrained CoCa on the
+finetune split's short ground-truth captions ("three blue squares").
+
+    python launch/train.py --config=configs/captioner_short.py --workdir=workdirs/captioner_short
+    python launch/train.py --config=configs/captioner_short.py:tiny,init_from=/tmp/pretrain_tiny/checkpoints --workdir=/tmp/ssc
+
+Variants: `tiny`, `model=S|B|L`, `steps=N`, `init_from=DIR[:STEP]` (default: the pretrain run's
+checkpoints under workdirs/; "none" starts from scratch).
+"""
+
+from dalle3_jax import configlib
+from dalle3_jax.trainers import captioner
+
+
+def get_config(arg=None):
+    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0,
+                              init_from="workdirs/captioner_pretrain/checkpoints")
+    c = captioner.default_config(smoke=arg.tiny, model_variant=arg.model)
+    c.init_from = "" if arg.init_from == "none" else arg.init_from  # params of the pretrained captioner
+    c.data.split = "finetune"  # the small human-labelled set
+    c.input.caption_field = "short"
+    c.input.max_text_len = min(c.input.max_text_len, 16)  # short captions are <= 5 tokens
+    c.loss.w_con = 0.0  # fine-tuning is captioning only
+    c.loss.w_cap = 1.0
+    c.eval.caption_field = "short"
+    c.eval.decode.max_len = 16
+    c.optim.lr = 3e-4  # gentler than pretraining: start from learned weights
+    if not arg.tiny:
+        c.total_steps = 1000
+        c.log_every = 100
+        c.eval_every = 500
+        c.checkpoint_every = 500
+        c.optim.warmup_steps = 50
+    if arg.steps:
+        c.total_steps = arg.steps
+    return c
