@@ -80,13 +80,19 @@ def mesh_config() -> ml_collections.ConfigDict:
     cfg.data = -1  # pure data parallel replicas; -1 = whatever the other axes leave over
     cfg.fsdp = 1  # shard params + optimizer state (and the batch) this many ways
     cfg.tensor = 1  # split heads / MLP / vocab this many ways (keep within one host's fast links)
+    cfg.num_devices = 0  # use only the first N devices (e.g. 1 for a single-device reference); 0 = all
     return cfg
 
 
 def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """Builds a ("data", "fsdp", "tensor") mesh; at most one axis may be -1 (fill)."""
-    mesh_cfg = mesh_config() if mesh_cfg is None else mesh_cfg
+    mesh_cfg = dict(mesh_config() if mesh_cfg is None else mesh_cfg)
     devices = list(jax.devices() if devices is None else devices)
+    limit = int(mesh_cfg.pop("num_devices", 0) or 0)
+    if limit:
+        if limit > len(devices):
+            raise ValueError(f"mesh.num_devices={limit} but only {len(devices)} devices are available")
+        devices = devices[:limit]
     unknown = set(dict(mesh_cfg).keys()) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"Unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}.")

@@ -1,0 +1,66 @@
+"""Model registry: every model of the recipe by name, with its named size variants.
+
+    from dalle3_jax import models
+    cfg = models.config("coca", "tiny", vocab_size=1024)   # ml_collections.ConfigDict
+    model = models.get("coca", cfg)                         # an nnx.Module, seed 0
+    models.variants("coca")                                 # ("tiny", "S", "B", "L")
+
+A registered model lives in a module that provides
+    config(variant="...", **overrides) -> ConfigDict   the config, one comment per field
+    create(config, *, rngs=None) -> nnx.Module         the model
+    VARIANTS: dict[str, dict]                           the size table behind `variant`
+Modules are imported on first use, so `import dalle3_jax.models` stays cheap and a model whose
+module is missing fails only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+# name -> module path. Add a line here to register a new model.
+_REGISTRY: dict[str, str] = {
+    "coca": "dalle3_jax.models.coca",
+}
+
+
+def register(name: str, module_path: str) -> None:
+    """Registers (or replaces) `name` as the model defined in `module_path`."""
+    _REGISTRY[name] = module_path
+
+
+def names() -> tuple[str, ...]:
+    """Registered model names."""
+    return tuple(sorted(_REGISTRY))
+
+
+def _module(name: str) -> ModuleType:
+    if name not in _REGISTRY:
+        raise KeyError(f"Unknown model {name!r}; registered models: {', '.join(names())}")
+    return importlib.import_module(_REGISTRY[name])
+
+
+def variants(name: str) -> tuple[str, ...]:
+    """The variant names of model `name`, smallest first (as listed in its table)."""
+    return tuple(_module(name).VARIANTS)
+
+
+def config(name: str, variant: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
+    """The config of model `name` at `variant`, with `overrides` applied."""
+    return _module(name).config(variant, **overrides)
+
+
+def get(name: str, cfg: ml_collections.ConfigDict | None = None, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """Builds model `name` from `cfg` (default: its tiny config). `rngs` defaults to seed 0."""
+    module = _module(name)
+    return module.create(module.config() if cfg is None else cfg, rngs=rngs)
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of trainable parameters (nnx.Param leaves) of a model or abstract model."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
