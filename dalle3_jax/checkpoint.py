@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -156,7 +157,10 @@ class Checkpointer:
         async_save: bool = True,
         read_only: bool = False,
     ):
-        self.directory = epath.Path(directory)
+        # Orbax requires absolute paths; a relative workdir (the usual `workdirs/x`) is taken
+        # relative to the current directory, URLs such as gs://bucket/x are kept as they are.
+        text = os.fspath(directory)
+        self.directory = epath.Path(text if "://" in text else os.path.abspath(text))
         self.save_interval_steps = max(1, int(save_interval_steps))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,

@@ -227,3 +227,15 @@ def test_parse_init_from():
     assert checkpoint.parse_init_from("/runs/pre:1000") == ("/runs/pre", 1000)
     assert checkpoint.parse_init_from("gs://bucket/pre:20") == ("gs://bucket/pre", 20)
     assert checkpoint.parse_init_from("gs://bucket/pre") == ("gs://bucket/pre", None)
+
+
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    # Runs are usually started with a relative workdir (workdirs/x); Orbax itself rejects those.
+    monkeypatch.chdir(tmp_path)
+    state = {"w": np.arange(6, dtype=np.float32)}
+    with checkpoint.Checkpointer("workdirs/run/checkpoints") as ckpt:
+        assert ckpt.save(5, state, force=True)
+    with checkpoint.Checkpointer("workdirs/run/checkpoints") as ckpt:
+        assert ckpt.latest_step() == 5
+        restored = ckpt.restore(5, {"w": jax.ShapeDtypeStruct((6,), np.float32)})
+    np.testing.assert_array_equal(np.asarray(restored["w"]), state["w"])
