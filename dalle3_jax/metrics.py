@@ -80,7 +80,8 @@ class MetricWriter:
         os.makedirs(self.workdir, exist_ok=True)
         self._tb = SummaryWriter(logdir=self.workdir, flush_secs=flush_secs)
         # Append: a resumed run continues the same log (readers keep the last row per step).
-        self._jsonl = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
+        # Line-buffered: each row is on disk as soon as it is written, so a killed run keeps its log.
+        self._jsonl = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8", buffering=1)
 
     def _log(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
         row = {"step": int(step), "time": time.time(), "kind": kind, "values": dict(values)}
