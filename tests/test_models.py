@@ -208,3 +208,20 @@ def test_attention_cache_matches_full():
     y3, cache = attn.decode(x[:, :3], jnp.int32(0), cache)
     y4, cache = attn.decode(x[:, 3:4], jnp.int32(3), cache)
     np.testing.assert_allclose(jnp.concatenate([y3, y4], axis=1), full[:, :4], atol=1e-5)
+
+
+def test_conv_stem_covers_the_same_pixels_and_shards():
+    cfg = small(vit_stem=(8, 16))
+    m = coca.create(cfg, rngs=nnx.Rngs(0))
+    batch = make_batch()
+    out = m(batch["image"], batch["tokens"])
+    # Two stride-2 convs then 1x1 "patches": still (16 / 4)^2 = 16 image tokens.
+    assert m.vision(batch["image"]).shape == (B, 16, 32)
+    assert out["logits"].shape == (B, L, 64)
+    with pytest.raises(ValueError, match="not divisible by the conv stem"):
+        coca.create(small(vit_stem=(8, 8, 8)), rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    sharded = sharding.create_sharded(lambda: coca.create(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        loss, _ = jit_loss(sharded, sharding.global_batch(batch, mesh))
+    np.testing.assert_allclose(float(loss), float(jit_loss(m, batch)[0]), atol=1e-5)

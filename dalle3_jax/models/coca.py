@@ -69,6 +69,7 @@ def config(variant: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict
     c.vit_depth = 2  # ViT blocks
     c.vit_heads = 4  # ViT attention heads
     c.vit_pos = "learned"  # ViT positions: "learned" table or fixed "sincos" 2D
+    c.vit_stem = ()  # channels of 3x3 stride-2 convs before patchifying (e.g. (32, 64)); () = none
     # --- attentional pooling ---
     c.n_caption_queries = 32  # Nq, learned queries whose outputs the multimodal decoder reads
     c.pool_heads = 4  # heads of both attentional poolers
@@ -142,7 +143,8 @@ class CoCa(nnx.Module):
         kw = dict(norm=c.norm, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
         self.vision = vit.ViT(
             image_size=c.image_size, patch_size=c.patch_size, width=c.vit_width, depth=c.vit_depth,
-            heads=c.vit_heads, mlp_dim=c.mlp_ratio * c.vit_width, pos_embed=c.vit_pos, rngs=rngs, **kw,
+            heads=c.vit_heads, mlp_dim=c.mlp_ratio * c.vit_width, pos_embed=c.vit_pos,
+            stem_channels=tuple(c.vit_stem), rngs=rngs, **kw,
         )
         self.contrastive_pool = AttentionPool(c.vit_width, 1, c.pool_heads, rngs=rngs, **kw)
         self.caption_pool = AttentionPool(c.vit_width, c.n_caption_queries, c.pool_heads, rngs=rngs, **kw)

@@ -46,6 +46,30 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10_000.0)
     return np.concatenate([np.sin(ang_y), np.cos(ang_y), np.sin(ang_x), np.cos(ang_x)], axis=1).astype(np.float32)
 
 
+class ConvStem(nnx.Module):
+    """3x3 stride-2 convolutions (GELU between): images [B, H, W, C] -> [B, H/2^k, W/2^k, C_k].
+
+    A few early convolutions let a small ViT see shapes that straddle patch borders (Xiao et al.,
+    2021, "Early convolutions help transformers see better"); at these channel counts they cost
+    a small fraction of the transformer's FLOPs.
+    """
+
+    def __init__(self, channels_in: int, channels: tuple[int, ...], *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = sharding.logical(nnx.initializers.lecun_normal(), ("conv_spatial", "conv_spatial", "conv_in", "conv_out"))
+        dims = (channels_in, *channels)
+        self.convs = nnx.List([
+            nnx.Conv(a, b, kernel_size=(3, 3), strides=(2, 2), padding="SAME", kernel_init=init,
+                     bias_init=sharding.logical(nnx.initializers.zeros_init(), ("conv_out",)),
+                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for a, b in zip(dims[:-1], dims[1:])
+        ])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for conv in self.convs:
+            x = jax.nn.gelu(conv(x))
+        return x
+
+
 class ViT(nnx.Module):
     """Patch embedding + positions + pre-norm transformer blocks + final norm.
 
@@ -62,6 +86,7 @@ class ViT(nnx.Module):
         heads: int,
         mlp_dim: int,
         channels: int = 3,
+        stem_channels: tuple[int, ...] = (),
         pos_embed: str = "learned",
         norm: str = "layernorm",
         dtype=jnp.float32,
@@ -74,8 +99,16 @@ class ViT(nnx.Module):
         self.grid = image_size // patch_size
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        # The flattened patch dim is small (P*P*C) and indexed by pixel layout: keep it whole.
-        self.patch_embed = layers.Dense(patch_size * patch_size * channels, width, (None, "embed"), rngs=rngs, **kw)
+        # An optional conv stem downsamples by 2 per conv; the patches then cover the same pixels.
+        stem_channels = tuple(stem_channels)
+        factor = 2 ** len(stem_channels)
+        if patch_size % factor:
+            raise ValueError(f"patch_size {patch_size} is not divisible by the conv stem's stride {factor}")
+        self.stem = ConvStem(channels, stem_channels, rngs=rngs, **kw) if stem_channels else None
+        self.token_patch = patch_size // factor
+        patch_dim = self.token_patch**2 * (stem_channels[-1] if stem_channels else channels)
+        # The flattened patch dim is small and indexed by pixel layout: keep it whole.
+        self.patch_embed = layers.Dense(patch_dim, width, (None, "embed"), rngs=rngs, **kw)
         n = self.grid * self.grid
         if pos_embed == "learned":
             table = 0.02 * jax.random.normal(rngs.params(), (n, width), param_dtype)
@@ -102,7 +135,10 @@ class ViT(nnx.Module):
         want = (self.image_size, self.image_size, self.channels)
         if tuple(images.shape[1:]) != want:
             raise ValueError(f"ViT expects images [B, {want[0]}, {want[1]}, {want[2]}], got {tuple(images.shape)}")
-        x = self.patch_embed(patchify(images.astype(self.dtype), self.patch_size))
+        x = images.astype(self.dtype)
+        if self.stem is not None:
+            x = self.stem(x)
+        x = self.patch_embed(patchify(x, self.token_patch))
         x = x + self.positions().astype(self.dtype)[None]
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         for block in self.blocks:
