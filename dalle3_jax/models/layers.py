@@ -197,9 +197,30 @@ class Attention(nnx.Module):
         k, v = self.project_kv(x if context is None else context)
         return self.attend(x, k, v, mask)
 
+    # -- decoding: keys/values are kept heads-major, [B, H, S, K] ---------------------------------
+    # One decoding step reads every cached key and value but computes little, so it is bound by
+    # memory traffic. With keys laid out [B, H, S, K] the two attention einsums contract over
+    # contiguous rows; the [B, S, H, K] layout of the training pass would make XLA transpose the
+    # whole cache (and the cross-attention K/V of every image token) at every step.
+
+    def project_kv_cached(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """context [B, S, Dc] -> (k, v), each [B, H, S, K], for `attend_cached`."""
+        k, v = self.project_kv(context)
+        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def attend_cached(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Queries from x [B, T, D] attend to heads-major k, v [B, H, S, K]; returns [B, T, D]."""
+        q = sharding.constrain(self.query(x), ("batch", "length", "act_heads", None))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        logits = jnp.einsum("bthk,bhsk->bhts", q, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, NEG_INF)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return self.out(jnp.einsum("bhts,bhsk->bthk", weights, v))
+
     def init_cache(self, batch: int, length: int, dtype: Dtype) -> dict[str, jax.Array]:
-        """Empty self-attention cache: k and v [B, L, H, K] zeros."""
-        shape = (batch, length, self.heads, self.head_dim)
+        """Empty self-attention cache: k and v [B, H, L, K] zeros."""
+        shape = (batch, self.heads, length, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def decode(self, x: jax.Array, index: jax.Array, cache: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
@@ -209,14 +230,14 @@ class Attention(nnx.Module):
         token at a time). Their keys/values are written into the cache at `index`, and each
         query attends to cache positions <= its own. Returns ([B, T, D], updated cache).
         """
-        k_new, v_new = self.project_kv(x)
-        start = (0, index, 0, 0)
+        k_new, v_new = self.project_kv_cached(x)
+        start = (0, 0, index, 0)
         k = jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), start)
         v = jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), start)
-        length, t = k.shape[1], x.shape[1]
+        length, t = k.shape[2], x.shape[1]
         query_pos = index + jnp.arange(t)
         mask = (jnp.arange(length)[None, :] <= query_pos[:, None])[None, None]  # [1, 1, T, L]
-        return self.attend(x, k, v, mask), {"k": k, "v": v}
+        return self.attend_cached(x, k, v, mask), {"k": k, "v": v}
 
 
 class Block(nnx.Module):
@@ -248,10 +269,12 @@ class Block(nnx.Module):
         self.norm_mlp = Norm(dim, norm, **kw)
         self.mlp = MLP(dim, mlp_dim, rngs=rngs, **kw)
 
-    def _finish(self, x: jax.Array, cross_kv: tuple[jax.Array, jax.Array] | None, context_mask) -> jax.Array:
+    def _finish(self, x: jax.Array, cross_kv: tuple[jax.Array, jax.Array] | None, context_mask,
+                cached: bool = False) -> jax.Array:
         if self.cross:
             k, v = cross_kv
-            x = x + self.cross_attn.attend(self.norm_cross(x), k, v, context_mask)
+            attend = self.cross_attn.attend_cached if cached else self.cross_attn.attend
+            x = x + attend(self.norm_cross(x), k, v, context_mask)
         x = x + self.mlp(self.norm_mlp(x))
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
@@ -278,6 +301,6 @@ class Block(nnx.Module):
         context_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Incremental pass for positions index .. index+T-1, with cached self-attention and
-        precomputed cross-attention keys/values (`Attention.project_kv` of the context)."""
+        precomputed cross-attention keys/values (`Attention.project_kv_cached` of the context)."""
         h, cache = self.attn.decode(self.norm_attn(x), index, cache)
-        return self._finish(x + h, cross_kv, context_mask), cache
+        return self._finish(x + h, cross_kv, context_mask, cached=True), cache

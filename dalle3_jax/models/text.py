@@ -148,7 +148,7 @@ class TextDecoder(nnx.Module):
     # -- incremental decoding ------------------------------------------------------------------
 
     def init_cache(self, batch: int, length: int) -> dict[str, list]:
-        """Zeroed self-attention caches for every layer, each k/v [B, length, H, K]."""
+        """Zeroed self-attention caches for every layer, each k/v [B, H, length, K]."""
         self._check_length(length)
         return {
             "unimodal": [blk.attn.init_cache(batch, length, self.dtype) for blk in self.unimodal],
@@ -158,7 +158,7 @@ class TextDecoder(nnx.Module):
     def cross_kv(self, context: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         """Cross-attention keys/values of the image context [B, N, Dc] for every multimodal layer,
         computed once per image and reused at every decoding step."""
-        return [blk.cross_attn.project_kv(context) for blk in self.multimodal]
+        return [blk.cross_attn.project_kv_cached(context) for blk in self.multimodal]
 
     def decode_step(
         self, tokens: jax.Array, index: jax.Array, cache: dict[str, list], cross_kv: list
