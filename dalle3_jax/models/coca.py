@@ -123,6 +123,10 @@ class AttentionPool(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.queries = sharding.param(0.02 * jax.random.normal(rngs.params(), (n_queries, width), param_dtype),
                                       ("pos", "embed"))
+        # The queries are normalised like the tokens: raw 0.02-scale queries give near-zero
+        # attention logits, i.e. a uniform average over the image that keeps colour but loses
+        # shape, and the gradient that would sharpen the attention is just as small.
+        self.norm_queries = layers.Norm(width, norm, **kw)
         self.norm_context = layers.Norm(width, norm, **kw)
         self.attn = layers.Attention(width, heads, rngs=rngs, **kw)
         self.norm = layers.Norm(width, norm, **kw)
@@ -130,7 +134,7 @@ class AttentionPool(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         q = jnp.broadcast_to(self.queries[...].astype(self.dtype), (tokens.shape[0],) + self.queries.shape)
-        return self.norm(self.attn(q, self.norm_context(tokens)))
+        return self.norm(self.attn(self.norm_queries(q), self.norm_context(tokens)))
 
 
 class CoCa(nnx.Module):

@@ -26,6 +26,9 @@ def default_config(smoke: bool = False, model_variant: str = "tiny") -> ml_colle
     c.model = coca.config(model_variant)  # architecture (see dalle3_jax/models/coca.py)
     c.model.vocab_size = 1024  # >= the tokenizer's vocabulary (checked at start)
     c.model.max_text_len = 80  # descriptive captions are <= 76 tokens with the packaged tokenizer
+    # Three stride-2 convs before 1x1 patches: on the shapes world a plain patch-8 ViT learned
+    # colour but no shape from the finetune split; early convolutions learned shape faster.
+    c.model.vit_stem = (32, 64, 128)
     c.data = sources.default_data_config()  # where training records come from (world by default)
     c.input = pipeline.default_input_config()  # batching, caption field, workers
     c.input.global_batch_size = 64
@@ -49,7 +52,8 @@ def default_config(smoke: bool = False, model_variant: str = "tiny") -> ml_colle
     c.optim.weight_decay = 0.05
     if smoke:
         c.model.update(vit_width=32, vit_depth=1, vit_heads=2, text_width=32, text_heads=2, unimodal_layers=1,
-                       multimodal_layers=1, n_caption_queries=4, pool_heads=2, embed_dim=32, patch_size=16)
+                       multimodal_layers=1, n_caption_queries=4, pool_heads=2, embed_dim=32, patch_size=16,
+                       vit_stem=(8, 16))
         c.model.max_text_len = 24
         c.input.max_text_len = 24
         c.input.global_batch_size = 16
