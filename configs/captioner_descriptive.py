@@ -16,13 +16,7 @@ from dalle3_jax.trainers import captioner
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0,
                               init_from="workdirs/captioner_pretrain/checkpoints")
-    c = captioner.default_config(smoke=arg.tiny, model_variant=arg.model)
-    c.init_from = "" if arg.init_from == "none" else arg.init_from  # params of the pretrained captioner
-    c.data.split = "finetune"  # the small human-labelled set
-    c.input.caption_field = "descriptive"
-    c.loss.w_con = 0.0  # fine-tuning is captioning only
-    c.loss.w_cap = 1.0
-    c.eval.caption_field = "descriptive"
+    c = captioner.finetune_config(arg, caption_field="descriptive")
     c.optim.lr = 5e-4
     if not arg.tiny:
         c.total_steps = 3000

@@ -69,6 +69,19 @@ def default_config(smoke: bool = False, model_variant: str = "tiny") -> ml_colle
     return c
 
 
+def finetune_config(arg: ml_collections.ConfigDict, caption_field: str) -> ml_collections.ConfigDict:
+    """Stage 2 (SSC / DSC): captioning-only fine-tuning on the finetune split's `caption_field`,
+    starting from `arg.init_from` (a pretraining run's checkpoints; "none" = from scratch)."""
+    c = default_config(smoke=arg.tiny, model_variant=arg.model)
+    c.init_from = "" if arg.init_from == "none" else arg.init_from  # params of the pretrained captioner
+    c.data.split = "finetune"  # the small human-labelled set
+    c.input.caption_field = caption_field
+    c.loss.w_con = 0.0  # fine-tuning is captioning only
+    c.loss.w_cap = 1.0
+    c.eval.caption_field = caption_field
+    return c
+
+
 def make_model(config: ml_collections.ConfigDict) -> coca.CoCa:
     """The CoCa model of a captioner config (seeded by config.seed)."""
     return coca.create(config.model, rngs=nnx.Rngs(config.seed))
