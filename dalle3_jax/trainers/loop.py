@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from dalle3_jax import checkpoint as checkpoint_lib
@@ -133,15 +133,10 @@ def _default_step(task: Task) -> Callable[[TrainState, Mapping[str, jax.Array], 
             task.after_update(ts, ts.opt.step.value)
         metrics = dict(metrics)
         metrics["loss"] = value
-        metrics["grad_norm"] = optim_global_norm(grads)
+        metrics["grad_norm"] = optax.global_norm(grads)
         return metrics
 
     return step
-
-
-def optim_global_norm(grads: Any) -> jax.Array:
-    leaves = jax.tree.leaves(grads)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
 
 
 def compile_train_step(task: Task, ts: TrainState, example_batch: Mapping[str, jax.Array], rng: jax.Array):
