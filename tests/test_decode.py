@@ -80,6 +80,14 @@ def test_cached_greedy_matches_uncached_random_init(random_model, images):
     check_format(cached)
 
 
+def test_cached_greedy_matches_uncached_without_caption_pooler(images):
+    # n_caption_queries = 0: the decoder cross-attends to every image token.
+    model = coca.create(coca.config("tiny", **{**CFG, "n_caption_queries": 0}), rngs=nnx.Rngs(2))
+    assert model.caption_pool is None
+    cached = decode.generate(model, images, max_len=MAX_LEN)
+    np.testing.assert_array_equal(cached, decode.generate_uncached(model, images, max_len=MAX_LEN))
+
+
 def test_cached_greedy_matches_uncached_trained(trained):
     model, images, classes = trained
     cached = np.asarray(decode.generate(model, images, max_len=MAX_LEN))

@@ -71,7 +71,8 @@ def config(variant: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict
     c.vit_pos = "learned"  # ViT positions: "learned" table or fixed "sincos" 2D
     c.vit_stem = ()  # channels of 3x3 stride-2 convs before patchifying (e.g. (32, 64)); () = none
     # --- attentional pooling ---
-    c.n_caption_queries = 32  # Nq, learned queries whose outputs the multimodal decoder reads
+    c.n_caption_queries = 32  # Nq, learned queries whose outputs the multimodal decoder reads;
+    # 0 = no caption pooler: the decoder cross-attends to all N image tokens (finer spatial detail)
     c.pool_heads = 4  # heads of both attentional poolers
     # --- text tower ---
     c.vocab_size = 1024  # V, must cover the tokenizer's ids
@@ -151,7 +152,8 @@ class CoCa(nnx.Module):
             stem_channels=tuple(c.vit_stem), rngs=rngs, **kw,
         )
         self.contrastive_pool = AttentionPool(c.vit_width, 1, c.pool_heads, rngs=rngs, **kw)
-        self.caption_pool = AttentionPool(c.vit_width, c.n_caption_queries, c.pool_heads, rngs=rngs, **kw)
+        self.caption_pool = (AttentionPool(c.vit_width, c.n_caption_queries, c.pool_heads, rngs=rngs, **kw)
+                             if c.n_caption_queries else None)
         self.text = text.TextDecoder(
             vocab_size=c.vocab_size, max_len=c.max_text_len, width=c.text_width, heads=c.text_heads,
             mlp_dim=c.mlp_ratio * c.text_width, unimodal_layers=c.unimodal_layers,
@@ -169,15 +171,20 @@ class CoCa(nnx.Module):
 
     # -- encoders ---------------------------------------------------------------------------------
 
+    def pool_for_captions(self, image_tokens: jax.Array) -> jax.Array:
+        """image tokens [B, N, Dv] -> what the decoder cross-attends to: [B, Nq, Dv], or the
+        (already normalised) tokens themselves when n_caption_queries == 0."""
+        return image_tokens if self.caption_pool is None else self.caption_pool(image_tokens)
+
     def caption_queries(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, 3] -> caption-query tokens [B, Nq, Dv] (no contrastive branch)."""
-        return self.caption_pool(self.vision(images))
+        return self.pool_for_captions(self.vision(images))
 
     def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B, H, W, 3] -> (image_embed [B, E] unit norm, caption queries [B, Nq, Dv])."""
         tokens = self.vision(images)
         pooled = self.contrastive_pool(tokens)[:, 0]
-        return l2_normalize(self.image_proj(pooled)), self.caption_pool(tokens)
+        return l2_normalize(self.image_proj(pooled)), self.pool_for_captions(tokens)
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, L] -> text_embed [B, E] unit norm (from the CLS output of the unimodal half)."""
@@ -204,7 +211,7 @@ class CoCa(nnx.Module):
             out["text_embed"] = l2_normalize(self.text_proj(cls))
             out["logit_scale"], out["logit_bias"] = self.scales()
         if caption:
-            out["logits"] = self.text.run_multimodal(hidden, tokens, self.caption_pool(image_tokens))
+            out["logits"] = self.text.run_multimodal(hidden, tokens, self.pool_for_captions(image_tokens))
         return out
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict:
