@@ -192,8 +192,10 @@ class Progress:
         stream: TextIO | None = None,
         start_step: int = 0,
         clock=time.perf_counter,
+        unit: str = "step",
     ):
         self.total_steps = int(total_steps)
+        self.unit = unit  # what a step counts ("image" for the recaptioner): "image 8/96 | 3.10 images/s"
         self.every = max(1, int(every))
         self.examples_per_step = examples_per_step
         self.stream = stream or sys.stdout
@@ -203,8 +205,8 @@ class Progress:
         self._open_line = False
 
     def format(self, step: int, steps_per_s: float, loss: float | None) -> str:
-        parts = [f"step {step}/{self.total_steps} ({100.0 * step / max(1, self.total_steps):.1f}%)",
-                 f"{steps_per_s:.2f} steps/s"]
+        parts = [f"{self.unit} {step}/{self.total_steps} ({100.0 * step / max(1, self.total_steps):.1f}%)",
+                 f"{steps_per_s:.2f} {self.unit}s/s"]
         if self.examples_per_step:
             parts.append(f"{steps_per_s * self.examples_per_step:.0f} ex/s")
         if loss is not None:

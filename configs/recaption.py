@@ -1,0 +1,42 @@
+"""Stage 3: recaption the dataset with the short (SSC) and descriptive (DSC) captioners.
+
+    python launch/recaption.py --config=configs/recaption.py
+    python launch/recaption.py --config=configs/recaption.py:tiny,ssc=/tmp/ssc,dsc=/tmp/dsc --config.output_dir=/tmp/recaptioned
+    python launch/recaption.py --config=configs/recaption.py --config.data.source=arrayrecord \
+        --config.data.arrayrecord_pattern='data/prepared/*.array_record' --config.output_dir=data/recaptioned
+
+Writes ArrayRecord shards whose records carry the new `ssc` and `dsc` captions (train on them
+with data.source=arrayrecord, data.arrayrecord_pattern=OUTPUT_DIR and input.caption_field=dsc),
+plus manifest.json, failures.jsonl and summary.json. Rerunning the same command resumes: shards
+already committed are skipped, and a finished job does nothing.
+
+Variants: `tiny` (64 world images, small shards: seconds), `ssc=DIR` and `dsc=DIR` (captioner
+run directories; "none" leaves that caption out), `n=N` (recaption only the first N inputs),
+`out=DIR` (the output directory).
+"""
+
+from dalle3_jax import configlib
+from dalle3_jax.recaption import job
+
+
+def get_config(arg=None):
+    arg = configlib.parse_arg(arg, tiny=False, ssc="", dsc="", n=0, out="")
+    c = job.default_config()  # every field is documented in dalle3_jax/recaption/job.py
+    if arg.tiny:
+        c.limit = 64  # the first 64 images of the world's train split
+        c.records_per_shard = 32  # two shards, so resumption has something to skip
+        c.batch_size = 16  # a multiple of 8, so 8 virtual CPU devices each decode whole images
+        c.read_threads = 2
+        c.log_every = 1
+        c.output_dir = "workdirs/recaption_tiny"
+        # The tiny captioner runs, e.g. launch/train.py --config=configs/captioner_short.py:tiny,init_from=none
+        c.captioners.ssc.workdir = "workdirs/captioner_short_tiny"
+        c.captioners.dsc.workdir = "workdirs/captioner_descriptive_tiny"
+    for name in ("ssc", "dsc"):
+        if arg[name]:
+            c.captioners[name].workdir = "" if arg[name] == "none" else arg[name]
+    if arg.n:
+        c.limit = arg.n
+    if arg.out:
+        c.output_dir = arg.out
+    return c
