@@ -9,6 +9,8 @@ limits) slows the peak and the model alike, which keeps the ratio meaningful on 
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -50,3 +52,14 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int = 1) -> list[fl
 def median(seconds: list[float]) -> float:
     """The median call time: robust to the odd call that another process on the machine slowed."""
     return statistics.median(seconds)
+
+
+def report(result: dict, as_json: bool, width: int = 28) -> None:
+    """Prints a benchmark's result: one JSON object (the machine-readable report) or a table."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        if isinstance(value, float) and math.isfinite(value):
+            value = f"{value:.4g}"
+        print(f"{key:{width}s} {value}")
