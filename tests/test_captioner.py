@@ -33,11 +33,28 @@ def test_pretrain_reports_every_eval(pretrained):
     workdir, result = pretrained
     assert result["step"] == 4
     for key in ("val_loss", "retrieval_i2t_r1", "retrieval_t2i_r1", "fact_precision", "fact_recall",
-                "main_subject_accuracy"):
+                "main_subject_accuracy", "fact_recall/shape", "fact_recall/place", "fact_recall/background"):
         assert np.isfinite(result[key]), key
     assert os.path.exists(os.path.join(workdir, "config.json"))
     texts = metrics.read_jsonl(workdir, kind="texts")
     assert texts and "| id | generated | reference |" in texts[-1]["values"]["eval/captions"]
+
+
+def test_caption_quality_per_fact_kind():
+    from dalle3_jax.data import world
+
+    source = world.WorldSource("eval")
+    records = [source[i] for i in range(8)]
+    scenes = [world.Scene.from_json(r["scene"]) for r in records]
+    truth = caption_evals.caption_quality([r["captions"]["descriptive"] for r in records], scenes)
+    assert truth["fact_precision"] == truth["fact_recall"] == 1.0
+    for kind in ("shape", "colour", "count", "size", "place", "background"):
+        assert truth[f"fact_recall/{kind}"] == 1.0, kind
+    # Only the background named: every other kind is missed.
+    backgrounds = [f"The background is {s.background}." for s in scenes]
+    partial = caption_evals.caption_quality(backgrounds, scenes)
+    assert partial["fact_recall/background"] == 1.0 and partial["fact_recall/shape"] == 0.0
+    assert partial["fact_precision"] == 1.0 and 0.0 < partial["fact_recall"] < 0.5
 
 
 def test_finetune_starts_from_pretrain_and_cli_matches(pretrained, tmp_path):

@@ -11,12 +11,14 @@ Used by the captioner trainer during training, and on its own for a finished run
     python -m dalle3_jax.evals.captions --workdir=DIR [--n 512] [--json]
 
 prints `fact_precision`, `fact_recall`, `main_subject_accuracy`, `val_loss`, `retrieval_i2t_r1`,
-`retrieval_t2i_r1` (among others) for the latest checkpoint in DIR.
+`retrieval_t2i_r1` and the recall per fact kind (`fact_recall/shape`, ...) for the latest
+checkpoint in DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import sys
@@ -154,8 +156,19 @@ def caption_quality(captions: list[str], scenes: list[Any]) -> dict[str, float]:
     pr = [world.caption_quality(c, s) for c, s in zip(captions, scenes)]
     main = [world.main_subject_correct(c, s) for c, s in zip(captions, scenes)]
     words = [len(c.split()) for c in captions]
-    return {"fact_precision": float(np.mean([p for p, _ in pr])), "fact_recall": float(np.mean([r for _, r in pr])),
-            "main_subject_accuracy": float(np.mean(main)), "caption_words": float(np.mean(words))}
+    out = {"fact_precision": float(np.mean([p for p, _ in pr])), "fact_recall": float(np.mean([r for _, r in pr])),
+           "main_subject_accuracy": float(np.mean(main)), "caption_words": float(np.mean(words))}
+    # Pooled recall per fact kind (shape, colour, count, size, place, background): which part
+    # of the scene a captioner misses. Facts are keyed by shape, so a wrong shape also costs
+    # that group's colour, count, size and place facts.
+    hits, totals = collections.Counter(), collections.Counter()
+    for caption, scene in zip(captions, scenes):
+        truth = world.scene_facts(scene)
+        claimed = world.parse_caption(caption)
+        totals.update(f[0] for f in truth)
+        hits.update(f[0] for f in truth & claimed)
+    out.update({f"fact_recall/{kind}": hits[kind] / totals[kind] for kind in sorted(totals)})
+    return out
 
 
 def evaluator_from_config(config: ml_collections.ConfigDict, mesh, tokenize: tokenizer_lib.Tokenize,
