@@ -17,7 +17,7 @@ def get_config(arg=None):
     arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0,
                               init_from="workdirs/captioner_pretrain/checkpoints")
     c = captioner.finetune_config(arg, caption_field="descriptive")
-    c.optim.lr = 5e-4
+    c.optim.lr = 1e-3  # as high as pretraining: the vision tower still has most to learn
     if not arg.tiny:
         c.total_steps = 3000
         c.log_every = 100

@@ -29,6 +29,9 @@ def default_config(smoke: bool = False, model_variant: str = "tiny") -> ml_colle
     # Three stride-2 convs before 1x1 patches: on the shapes world a plain patch-8 ViT learned
     # colour but no shape from the finetune split; early convolutions learned shape faster.
     c.model.vit_stem = (32, 64, 128)
+    # The decoder reads all 64 image tokens rather than 32 pooled queries: descriptive captions
+    # name every object's cell (a from-scratch DSC after 750 steps: fact recall 0.27 vs 0.25).
+    c.model.n_caption_queries = 0
     c.data = sources.default_data_config()  # where training records come from (world by default)
     c.input = pipeline.default_input_config()  # batching, caption field, workers
     c.input.global_batch_size = 64
