@@ -15,6 +15,14 @@ from absl import logging as absl_logging
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dalle3_jax", "jax_cache")
 
 
+class _ReadOnlyRestoreFilter(logging.Filter):
+    """Drops Orbax's warning that a checkpoint directory is read only: loading weights for
+    evaluation or recaptioning opens it read only on purpose, so the warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Given directory is read only" not in record.getMessage()
+
+
 def init(*, compilation_cache: str | None = None, log_level: int = logging.INFO) -> None:
     """Sets up JAX's persistent compilation cache and Python logging for a launch script.
 
@@ -31,6 +39,9 @@ def init(*, compilation_cache: str | None = None, log_level: int = logging.INFO)
     # Orbax and Grain log every file operation through absl at INFO; keep those to warnings and
     # give the library's own loggers a handler of their own at `log_level`.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _ReadOnlyRestoreFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_ReadOnlyRestoreFilter())
     ours = logging.getLogger("dalle3_jax")
     if not any(getattr(h, "_dalle3_jax", False) for h in ours.handlers):
         handler = logging.StreamHandler()
