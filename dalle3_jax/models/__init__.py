@@ -26,6 +26,9 @@ from flax import nnx
 # name -> module path. Add a line here to register a new model.
 _REGISTRY: dict[str, str] = {
     "coca": "dalle3_jax.models.coca",
+    "t5": "dalle3_jax.models.t5",  # the T2I text encoder (relative position bias)
+    "unet": "dalle3_jax.models.unet",  # the T2I denoiser
+    "t2i": "dalle3_jax.models.t2i",  # text encoder + token bag + UNet, as trained by trainers/t2i.py
 }
 
 
@@ -59,6 +62,21 @@ def get(name: str, cfg: ml_collections.ConfigDict | None = None, *, rngs: nnx.Rn
     """Builds model `name` from `cfg` (default: its tiny config). `rngs` defaults to seed 0."""
     module = _module(name)
     return module.create(module.config() if cfg is None else cfg, rngs=rngs)
+
+
+def finish_config(c: ml_collections.ConfigDict, table: dict[str, dict], variant: str, overrides: dict[str, Any],
+                  what: str) -> ml_collections.ConfigDict:
+    """Completes a model module's `config(variant, **overrides)`: applies row `variant` of its
+    VARIANTS `table` over the defaults in `c`, then the overrides. KeyError (naming the choices)
+    for an unknown variant or a field `c` does not have."""
+    if variant not in table:
+        raise KeyError(f"Unknown {what} variant {variant!r}; known: {sorted(table)}")
+    c.update(table[variant])
+    for key, value in overrides.items():
+        if key not in c:
+            raise KeyError(f"Unknown {what} config field {key!r}; fields: {sorted(c.keys())}")
+        c[key] = value
+    return c
 
 
 def param_count(model: nnx.Module) -> int:

@@ -31,8 +31,16 @@ from flax import nnx
 from dalle3_jax import sharding
 
 Dtype = Any
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Large enough to vanish after softmax, small enough not to overflow float32 sums.
 NEG_INF = -1e9
+
+
+def dtype_of(name: str) -> Dtype:
+    """A config's dtype name ("float32", "bfloat16", "float16") -> the jnp dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def _shape(x: int | Sequence[int]) -> tuple[int, ...]:
@@ -126,14 +134,18 @@ class MLP(nnx.Module):
         return self.wo(h)
 
 
-def attention_weights_and_values(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def attention_weights_and_values(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                                 bias: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention.
 
-    q [B, T, H, K], k and v [B, S, H, K], mask broadcastable to [B, H, T, S] (True = attend).
+    q [B, T, H, K], k and v [B, S, H, K], mask broadcastable to [B, H, T, S] (True = attend),
+    bias (e.g. T5's relative position bias) broadcastable to [B, H, T, S], added to the logits.
     Returns [B, T, H, K] in v's dtype; the logits and softmax are float32.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -188,14 +200,16 @@ class Attention(nnx.Module):
         v = sharding.constrain(self.value(context), ("batch", "length", "act_heads", None))
         return k, v
 
-    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+               bias: jax.Array | None = None) -> jax.Array:
         """Queries from x [B, T, D] attend to given k, v [B, S, H, K]; returns [B, T, D]."""
         q = sharding.constrain(self.query(x), ("batch", "length", "act_heads", None))
-        return self.out(attention_weights_and_values(q, k, v, mask))
+        return self.out(attention_weights_and_values(q, k, v, mask, bias))
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array | None = None,
+                 bias: jax.Array | None = None) -> jax.Array:
         k, v = self.project_kv(x if context is None else context)
-        return self.attend(x, k, v, mask)
+        return self.attend(x, k, v, mask, bias)
 
     # -- decoding: keys/values are kept heads-major, [B, H, S, K] ---------------------------------
     # One decoding step reads every cached key and value but computes little, so it is bound by
@@ -285,10 +299,12 @@ class Block(nnx.Module):
         mask: jax.Array | None = None,
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array:
         """Full-sequence pass. mask: [B|1, 1|H, T, T] self-attention mask (e.g. causal & key
-        validity); context_mask: [B|1, 1|H, T|1, S] validity of context tokens (None = all)."""
-        x = x + self.attn(self.norm_attn(x), mask=mask)
+        validity); context_mask: [B|1, 1|H, T|1, S] validity of context tokens (None = all);
+        bias: [B|1, H, T, T] added to the self-attention logits (relative positions)."""
+        x = x + self.attn(self.norm_attn(x), mask=mask, bias=bias)
         cross_kv = self.cross_attn.project_kv(context) if self.cross else None
         return self._finish(x, cross_kv, context_mask)
 

@@ -1,0 +1,99 @@
+"""The text-to-image denoiser: a text encoder, a bag of token embeddings and the UNet.
+
+    tokens [B, L] --text encoder--> TextEncoding(states [B, L, D], mask [B, L], pooled [B, D])
+        pooled += sum over real tokens of a learned per-token embedding   (the "token bag")
+    UNet(x [B, H, W, C], t [B], context = states, context_mask = mask, cond = pooled) -> [B, H, W, C]
+
+The token bag gives every ResBlock's scale-and-shift direct access to each word of the caption
+("red", "small", "left") without going through attention: on the shapes world this was, with
+the pooled state, what made colour, shape, size and place learnable within minutes on a CPU.
+
+Text is encoded once per caption and reused at every sampling step (`encode_text`, then
+`denoise`); `__call__` does both, for training.
+
+    cfg = t2i.config("S", vocab_size=1024)
+    model = t2i.create(cfg, rngs=nnx.Rngs(0))
+    out = model(x, t, tokens)            # [B, H, W, C]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dalle3_jax import sharding
+from dalle3_jax.models import t5, text, unet
+
+TEXT_ENCODERS = ("t5",)
+VARIANTS: dict[str, dict[str, str]] = {"tiny": dict(text="tiny", unet="tiny"), "S": dict(text="S", unet="S"),
+                                       "B": dict(text="B", unet="B")}
+
+
+def config(variant: str = "S", **overrides: Any) -> ml_collections.ConfigDict:
+    """The T2I model config: `text` and `unet` blocks of `variant`, plus the fields below.
+
+    `overrides` may set top-level fields (vocab_size, token_bag, text_encoder); the blocks are
+    edited as `cfg.unet.base_channels = ...`. The UNet's context and cond widths follow the text
+    encoder's width (see `create`).
+    """
+    if variant not in VARIANTS:
+        raise KeyError(f"Unknown T2I variant {variant!r}; known: {sorted(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.model = "t2i"  # registry name (dalle3_jax.models.get)
+    c.variant = variant  # the row of VARIANTS the blocks came from
+    c.text_encoder = "t5"  # which encoder fills the TextEncoding interface (see models/t5.py)
+    c.vocab_size = 1024  # V, >= the tokenizer's vocabulary (token bag and encoder embeddings)
+    c.token_bag = True  # add the sum of learned per-token embeddings to the pooled text vector
+    c.text = t5.config(VARIANTS[variant]["text"])  # the text encoder's architecture
+    c.unet = unet.config(VARIANTS[variant]["unet"])  # the denoiser's architecture
+    for key, value in overrides.items():
+        if key not in c or key in ("text", "unet"):
+            raise KeyError(f"Unknown T2I config field {key!r} (edit the text/unet blocks directly); "
+                           f"fields: {sorted(k for k in c.keys() if k not in ('text', 'unet'))}")
+        c[key] = value
+    return c
+
+
+class TextToImage(nnx.Module):
+    """Text encoder + token bag + UNet (see the module docstring)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        if cfg.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"Unknown text_encoder {cfg.text_encoder!r}; expected one of {TEXT_ENCODERS}")
+        text_cfg = ml_collections.ConfigDict(cfg.text.to_dict())
+        text_cfg.vocab_size = cfg.vocab_size
+        self.text = t5.create(text_cfg, rngs=rngs)
+        width = self.text.width
+        self.pad_id, self.eos_id = text_cfg.pad_id, text_cfg.eos_id
+        self.token_bag = (sharding.param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, width)),
+                                         ("vocab", "embed")) if cfg.token_bag else None)
+        unet_cfg = ml_collections.ConfigDict(cfg.unet.to_dict())
+        unet_cfg.context_dim = unet_cfg.cond_dim = width
+        self.unet = unet.create(unet_cfg, rngs=rngs)
+        self.image_size, self.channels = unet_cfg.image_size, unet_cfg.in_channels
+
+    def encode_text(self, tokens: jax.Array) -> t5.TextEncoding:
+        """tokens [B, L] -> TextEncoding whose pooled vector includes the token bag."""
+        enc = self.text(tokens)
+        if self.token_bag is None:
+            return enc
+        valid = text.token_mask(tokens, self.pad_id, self.eos_id)
+        table = sharding.constrain(self.token_bag[...], (None, None))  # whole table for the gather
+        bag = jnp.sum(jnp.take(table, tokens, axis=0) * valid[..., None], axis=1)
+        return t5.TextEncoding(states=enc.states, mask=enc.mask, pooled=enc.pooled + bag.astype(enc.pooled.dtype))
+
+    def denoise(self, x: jax.Array, t: jax.Array, enc: t5.TextEncoding) -> jax.Array:
+        """x [B, H, W, C], t [B], an encoded caption -> the UNet's prediction [B, H, W, C]."""
+        return self.unet(x, t, enc.states, enc.mask, enc.pooled)
+
+    def __call__(self, x: jax.Array, t: jax.Array, tokens: jax.Array) -> jax.Array:
+        return self.denoise(x, t, self.encode_text(tokens))
+
+
+def create(cfg: ml_collections.ConfigDict | None = None, *, rngs: nnx.Rngs | None = None) -> TextToImage:
+    """The T2I model of config `cfg` (default: S), seeded by `rngs` (default seed 0)."""
+    return TextToImage(config() if cfg is None else cfg, rngs=rngs or nnx.Rngs(0))
