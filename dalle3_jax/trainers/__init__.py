@@ -10,6 +10,7 @@ import importlib
 
 TRAINERS = {
     "captioner": "dalle3_jax.trainers.captioner",
+    "t2i": "dalle3_jax.trainers.t2i",
 }
 
 

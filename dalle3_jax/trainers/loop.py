@@ -68,6 +68,8 @@ class Task:
       after_update: (state, step) -> None, runs inside the jitted step after the optimizer update
         (e.g. an EMA update); must only use jax operations.
       examples_per_step: for the examples/s figure of the progress line.
+      eval_model: TrainState -> the module `evaluate` receives (e.g. the EMA weights in
+        `state.extra`); default: the trained model.
     """
 
     make_model: Callable[[], nnx.Module]
@@ -78,6 +80,7 @@ class Task:
     make_extra: Callable[[nnx.Module], nnx.Module] | None = None
     after_update: Callable[[TrainState, jax.Array], None] | None = None
     examples_per_step: int | None = None
+    eval_model: Callable[[TrainState], nnx.Module] | None = None
 
 
 def loop_config() -> ml_collections.ConfigDict:
@@ -93,6 +96,19 @@ def loop_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # "DIR" or "DIR:STEP" of another run whose params start this one
     c.mesh = sharding.mesh_config()
     c.optim = optim.default_config()
+    return c
+
+
+def smoke_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a stage config's loop and input to a seconds-long test run: 4 steps of batch 16,
+    metrics every 2 steps, checkpoints at 2 and 4, one evaluation at the end."""
+    c.total_steps = 4
+    c.log_every = 2
+    c.eval_every = 0
+    c.checkpoint_every = 2
+    c.optim.warmup_steps = 1
+    c.input.global_batch_size = 16
+    c.input.read_threads = 1
     return c
 
 
@@ -270,7 +286,7 @@ def _run(config, task: Task, ctor, mesh, ckpt, writer, stop: _StopRequest) -> tu
         eval_due = config.eval_every and step % config.eval_every == 0
         if task.evaluate is not None and (eval_due or is_last):
             nnx.update(ts, state)
-            last_eval = _run_eval(task, ts.model, step, writer)
+            last_eval = _run_eval(task, task.eval_model(ts) if task.eval_model else ts.model, step, writer)
         if is_last or stop.signal is not None:
             break
     if state is not None:

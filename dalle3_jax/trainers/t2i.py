@@ -1,0 +1,315 @@
+"""The T2I diffusion stage as a Task of the shared loop: text encoder + UNet on blended captions.
+
+What the stage adds to the loop:
+  data      the Grain pipeline with a `CaptionBlend` caption field (data/blend.py): per example,
+            the synthetic caption (ssc / dsc) or the world's true descriptive one with
+            probability `blend`, else the alt text; deterministic in (blend_seed, example id)
+  loss      diffusion/losses.py: v (or eps) prediction, (min(SNR, 5) + 1) / (SNR + 1) weighting,
+            captions dropped to the empty caption with probability `diffusion.cond_drop` so the
+            model also learns the unconditional score that guidance needs
+  extra     EMA weights (diffusion/ema.py), updated inside the jitted step; evals use them
+  evals     validation loss on held-out captions, a sample grid (TensorBoard and
+            workdir/samples/step_N.png) and prompt following on eval-split prompts
+            (evals/prompt_following.py), all on the EMA weights
+
+`configs/t2i.py` builds on `default_config()`; `load_run` restores a finished run for
+launch/sample.py and the prompt-following CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dalle3_jax import metrics, sharding
+from dalle3_jax.data import blend as blend_lib
+from dalle3_jax.data import pipeline, sources
+from dalle3_jax.data import tokenizer as tokenizer_lib
+from dalle3_jax.diffusion import ema as ema_lib
+from dalle3_jax.diffusion import losses, samplers, schedules
+from dalle3_jax.models import t2i as t2i_model
+from dalle3_jax.trainers import loop
+
+
+def default_config(smoke: bool = False, model_variant: str = "S") -> ml_collections.ConfigDict:
+    """A T2I config (the shapes-world recipe); `smoke` shrinks it to a seconds-long run for tests."""
+    c = loop.loop_config()
+    c.trainer = "t2i"
+    c.total_steps = 1200  # ~20 minutes on 2 CPU cores at batch 128 with the S model
+    c.log_every = 50
+    c.eval_every = 200
+    c.checkpoint_every = 200
+    c.tokenizer = ""  # a Hugging Face tokenizer directory; "" = the packaged shapes-world one
+    c.model = t2i_model.config(model_variant)  # architecture (models/t2i.py, unet.py, t5.py)
+    c.caption = "descriptive_gt"  # alt | ssc | dsc | descriptive_gt (see data/blend.py CHOICES)
+    c.blend = 0.95  # probability of the chosen caption per example; the rest get alt text
+    c.blend_seed = 0  # with the example id, fixes every example's caption choice
+    c.data = sources.default_data_config()  # training records (world by default)
+    c.data.world = ml_collections.ConfigDict(dict(image_size=32, single_object=True))  # WorldConfig overrides
+    c.input = pipeline.default_input_config()  # batching and decoding (caption_field is set by `caption`)
+    c.input.global_batch_size = 128
+    c.input.image_size = 32  # must equal model.unet.image_size
+    c.input.max_text_len = 32  # single-object descriptive captions are <= 29 tokens; use 80 for multi-object
+    c.diffusion = schedules.default_config()  # schedule, timesteps, zero terminal SNR
+    c.diffusion.prediction = "v"  # v | eps (what the UNet outputs)
+    c.diffusion.weighting = "min_snr_plus_one"  # none | min_snr | min_snr_plus_one (diffusion/losses.py)
+    c.diffusion.snr_gamma = 5.0  # the cap of the min-SNR weightings
+    c.diffusion.cond_drop = 0.1  # chance a caption is replaced by the empty one (guidance dropout)
+    c.ema = ml_collections.ConfigDict()
+    c.ema.enabled = True  # keep EMA weights (evals and sampling use them)
+    c.ema.decay = 0.999  # the EMA decay after warm-up
+    c.ema.warmup = True  # decay = min(decay, (1 + n) / (10 + n)) after n steps
+    c.sample = ml_collections.ConfigDict()  # defaults of evals, launch/sample.py and prompt following
+    c.sample.sampler = "ddim"  # ddim | ddpm | dpmpp_2m
+    c.sample.steps = 25  # sampler steps
+    c.sample.guidance = 3.0  # classifier-free guidance scale (1 = the conditional model)
+    c.sample.eta = 0.0  # DDIM noise (0 deterministic, 1 DDPM-like)
+    c.sample.clip_x0 = True  # clip predicted clean images to [-1, 1] at every step
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "eval"  # held-out world scenes (attribute combinations never trained on)
+    c.eval.caption_field = "descriptive"  # captions of the validation loss and the sample grid
+    c.eval.n_val = 256  # examples of the validation loss (fixed noise and timesteps)
+    c.eval.n_grid = 16  # prompts in the logged sample grid
+    c.eval.n_prompts = 64  # single-object prompts scored for prompt following; 0 = off
+    c.eval.batch_size = 64  # sampling / validation batch (rounded to the data-parallel size)
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "constant"  # a time-boxed run can stop at any step; EMA smooths the end
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.0
+    if smoke:
+        loop.smoke_settings(c)
+        c.model = t2i_model.config("tiny")
+        c.eval.n_val = 16
+        c.eval.n_grid = 8
+        c.eval.n_prompts = 8
+        c.eval.batch_size = 8
+        c.sample.steps = 3
+    return c
+
+
+def make_model(config: ml_collections.ConfigDict) -> t2i_model.TextToImage:
+    """The T2I model of a config (seeded by config.seed)."""
+    return t2i_model.create(config.model, rngs=nnx.Rngs(config.seed))
+
+
+def check_config(config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Tokenize) -> schedules.Schedule:
+    """Catches settings that would otherwise fail deep inside a compiled step; returns the schedule."""
+    if tokenize.vocab_size > config.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenize.vocab_size} tokens but model.vocab_size is "
+                         f"{config.model.vocab_size}; raise model.vocab_size")
+    if config.input.image_size != config.model.unet.image_size:
+        raise ValueError(f"input.image_size={config.input.image_size} differs from "
+                         f"model.unet.image_size={config.model.unet.image_size}")
+    if config.caption not in blend_lib.CHOICES:
+        raise ValueError(f"caption={config.caption!r}; valid: {', '.join(blend_lib.CHOICES)}")
+    if config.sample.sampler not in samplers.SAMPLERS:
+        raise ValueError(f"sample.sampler={config.sample.sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
+    schedule = schedules.from_config(config.diffusion)
+    losses.check(config.diffusion.prediction, config.diffusion.weighting, schedule)
+    return schedule
+
+
+def null_tokens(tokenize: tokenizer_lib.Tokenize, max_len: int) -> np.ndarray:
+    """The tokenised empty caption [1, L]: the unconditional input of guidance."""
+    return tokenize.encode_batch([""], max_len)[0]
+
+
+def _rounded_batch(batch_size: int, mesh) -> int:
+    dp = sharding.data_parallel_size(mesh)
+    return max(dp, (batch_size // dp) * dp)
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    return x if len(x) == size else np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+
+def sample_captions(model: nnx.Module, config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Tokenize,
+                    captions: list[str], mesh, *, seed: int = 0, batch_size: int | None = None,
+                    max_text_len: int | None = None, **overrides: Any) -> np.ndarray:
+    """One image per caption: uint8 [N, H, W, 3]. Sampler settings come from config.sample,
+    overridden by `overrides` (sampler, steps, guidance, eta, clip_x0); guidance None = off."""
+    settings = dict(config.sample.to_dict())
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown sampler settings {sorted(unknown)}; valid: {sorted(settings)}")
+    settings.update(overrides)
+    length = max_text_len or config.input.max_text_len
+    tokens, _ = tokenize.encode_batch(captions, length)
+    null = null_tokens(tokenize, length)
+    schedule = schedules.from_config(config.diffusion)
+    # No bigger than needed: a 16-image grid is not padded to a batch of 64 (one more compiled
+    # program, but each eval saves three quarters of the grid's sampling work).
+    dp = sharding.data_parallel_size(mesh)
+    bs = _rounded_batch(min(batch_size or config.eval.batch_size, -(-len(captions) // dp) * dp), mesh)
+    out = []
+    for i, start in enumerate(range(0, len(captions), bs)):
+        chunk = tokens[start:start + bs]
+        batch = sharding.global_batch({"tokens": _pad_rows(chunk, bs)}, mesh)
+        images = samplers.generate(model, batch["tokens"], jax.random.fold_in(jax.random.key(seed), i), schedule,
+                                   null_tokens=null, prediction=config.diffusion.prediction, **settings)
+        out.append(samplers.to_uint8(images)[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size, model.channels), np.uint8)
+
+
+def eval_source(config: ml_collections.ConfigDict):
+    """The held-out records of validation and the sample grid: config.data at config.eval.split
+    (the synthetic world's eval split unless the data section says otherwise)."""
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.split = config.eval.split
+    if data_cfg.source == "tfds":
+        data_cfg.tfds_split = config.eval.split
+    return sources.make_source(data_cfg)
+
+
+class Evaluator:
+    """Validation loss, a sample grid and prompt following for one run (see the module docstring)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Tokenize, mesh, workdir: str):
+        self.config, self.tokenize, self.mesh, self.workdir = config, tokenize, mesh, workdir
+        self.schedule = schedules.from_config(config.diffusion)
+        source = eval_source(config)
+        self.batch_size = _rounded_batch(config.eval.batch_size, mesh)
+        n = min(int(config.eval.n_val), len(source))
+        if n >= self.batch_size:  # whole batches only, so every example weighs the same
+            n -= n % self.batch_size
+        field = config.eval.caption_field
+        records = [source[i] for i in range(min(max(n, config.eval.n_grid), len(source)))]
+        for r in records:
+            if field not in (r.get("captions") or {}):
+                raise KeyError(f"eval record {r.get('id')} has no caption {field!r}; set eval.caption_field")
+        images = np.stack([pipeline.model_image(r["image"], config.input.image_size) for r in records[:n]])
+        tokens, _ = tokenize.encode_batch([r["captions"][field] for r in records[:n]], config.input.max_text_len)
+        self.val = (images, tokens)
+        self.grid_captions = [r["captions"][field] for r in records[:config.eval.n_grid]]
+        self._val_step = None
+
+    def _val_loss(self, model) -> float:
+        images, tokens = self.val
+        bs, d = self.batch_size, self.config.diffusion
+        if self._val_step is None:
+            graphdef = nnx.graphdef(model)
+
+            @jax.jit
+            def step(state, image, tok, rng):
+                m = nnx.merge(graphdef, state)
+                enc = m.encode_text(tok)
+                loss, _ = losses.diffusion_loss(lambda x, t: m.denoise(x, t, enc), image, rng, self.schedule,
+                                                prediction=d.prediction, weighting=d.weighting, gamma=d.snr_gamma)
+                return loss
+
+            self._val_step = step
+        losses_ = []
+        for i, start in enumerate(range(0, len(images), bs)):
+            # (A set smaller than one batch is padded by repeating its last example.)
+            batch = sharding.global_batch({"image": _pad_rows(images[start:start + bs], bs),
+                                           "tokens": _pad_rows(tokens[start:start + bs], bs)}, self.mesh)
+            # Fixed noise and timesteps per batch: successive evals differ only by the weights.
+            losses_.append(float(self._val_step(nnx.state(model), batch["image"], batch["tokens"],
+                                                jax.random.key(1000 + i))))
+        return float(np.mean(losses_))
+
+    def __call__(self, model, step: int) -> dict[str, Any]:
+        from dalle3_jax.evals import prompt_following
+
+        scalars = {"val_loss": self._val_loss(model)}
+        images = sample_captions(model, self.config, self.tokenize, self.grid_captions, self.mesh)
+        grid = metrics.image_grid(images)
+        if jax.process_index() == 0:
+            from PIL import Image
+
+            os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+            Image.fromarray(grid).save(os.path.join(self.workdir, "samples", f"step_{step:06d}.png"))
+        if self.config.eval.n_prompts:
+            prompts = prompt_following.load_prompts(self.config, int(self.config.eval.n_prompts), single_object=True)
+            scores = prompt_following.score_model(model, self.config, self.tokenize, self.mesh, prompts)
+            scalars.update({f"pf_{k}": v for k, v in scores.items() if isinstance(v, float)})
+        table = "| # | prompt |\n|---|---|\n" + "\n".join(f"| {i} | {c} |" for i, c in enumerate(self.grid_captions))
+        return {"scalars": scalars, "images": {"samples": grid}, "texts": {"prompts": table}}
+
+
+def build_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
+    """The T2I Task: TextToImage + the weighted diffusion loss on blended captions, with EMA."""
+    tokenize = tokenizer_lib.Tokenize(tokenizer_lib.load_tokenizer(config.tokenizer or None))
+    schedule = check_config(config, tokenize)
+    source = sources.make_source(config.data)
+    caption_field = blend_lib.from_choice(config.caption, config.blend, config.blend_seed)
+    null = null_tokens(tokenize, config.input.max_text_len)
+    d = config.diffusion
+    evaluator = None
+
+    def train_data():
+        return pipeline.make_loader_from_config(source, config.input, tokenizer=tokenize, caption_field=caption_field)
+
+    def loss_fn(model, batch, rng):
+        k_drop, k_loss = jax.random.split(rng)
+        tokens = losses.drop_captions(batch["tokens"], null, float(d.cond_drop), k_drop)
+        enc = model.encode_text(tokens)
+        return losses.diffusion_loss(lambda x, t: model.denoise(x, t, enc), batch["image"], k_loss, schedule,
+                                     prediction=d.prediction, weighting=d.weighting, gamma=float(d.snr_gamma))
+
+    def evaluate(model, step):
+        nonlocal evaluator
+        if evaluator is None:  # built on first use: it renders and prepares the eval images once
+            evaluator = Evaluator(config, tokenize, sharding.make_mesh(config.mesh), workdir)
+        return evaluator(model, step)
+
+    ema_on = bool(config.ema.enabled)
+    return loop.Task(
+        make_model=lambda: make_model(config), loss_fn=loss_fn, train_data=train_data, evaluate=evaluate,
+        batch_keys=("image", "tokens"), examples_per_step=config.input.global_batch_size,
+        make_extra=(lambda m: ema_lib.EMA(m, config.ema.decay, config.ema.warmup)) if ema_on else None,
+        after_update=(lambda ts, step: ts.extra.update(ts.model, step)) if ema_on else None,
+        eval_model=(lambda ts: ts.extra.model) if ema_on else None,
+    )
+
+
+def add_sampler_flags(parser) -> None:
+    """The sampling flags shared by launch/sample.py and the prompt-following CLI (argparse)."""
+    parser.add_argument("--sampler", default=None, choices=samplers.SAMPLERS, help="default: the run's (ddim)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's, 25)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's, 3)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA")
+
+
+def sampler_overrides(args) -> dict[str, Any]:
+    """The sampler settings given on the command line (see add_sampler_flags)."""
+    given = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def load_run(workdir: str, *, step: int | None = None, ema: bool = True, mesh=None):
+    """Restores a finished (or running) T2I run for sampling: (config, model, tokenize, mesh, step).
+
+    Reads DIR/config.json and the weights of checkpoint `step` (latest by default): the EMA
+    weights when the run kept them and `ema` is True, else the trained ones. The mesh defaults to
+    all devices data parallel, whatever mesh the run trained on.
+    """
+    from dalle3_jax import checkpoint
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a T2I run directory?")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("trainer") != "t2i":
+        raise ValueError(f"{workdir!r} is a {config.get('trainer')!r} run, not a T2I run")
+    mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    tokenize = tokenizer_lib.Tokenize(tokenizer_lib.load_tokenizer(config.tokenizer or None))
+    prefix = "extra/model" if ema and config.ema.enabled else "model"
+    # An abstract model (shapes and shardings, no values) is the restore target: the weights come
+    # from the checkpoint, so no initialiser needs compiling or running.
+    graphdef, abstract = sharding.abstract_state(lambda: make_model(config), mesh)
+    model = nnx.merge(graphdef, abstract)
+    with jax.set_mesh(mesh):
+        step = checkpoint.load_model_weights(os.path.join(workdir, "checkpoints"), model, step=step, prefix=prefix)
+    return config, model, tokenize, mesh, step

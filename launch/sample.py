@@ -1,0 +1,74 @@
+"""Samples images from a trained T2I run and writes them as one PNG grid.
+
+    python launch/sample.py --workdir=workdirs/t2i_oracle --prompt "a large blue square in the center" --out grid.png
+    python launch/sample.py --workdir=DIR --prompts_file prompts.txt --n 4 --guidance 3 --steps 50 \\
+        --seed 0 --sampler dpmpp_2m --out grid.png
+
+Each prompt gets --n images (one grid row per prompt); a prompts file holds one prompt per line
+(blank lines and lines starting with # are skipped). The EMA weights of the latest checkpoint are
+used unless --no-ema / --step say otherwise. The prompts, in grid order, are written next to the
+PNG as <out>.txt.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        if not os.path.exists(args.prompts_file):
+            raise SystemExit(f"error: --prompts_file {args.prompts_file!r} not found")
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt or a --prompts_file with prompts")
+    return prompts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a T2I run directory (launch/train.py --config=configs/t2i.py)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    p.add_argument("--prompts_file", help="a text file with one prompt per line")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--out", default="grid.png", help="output PNG")
+    from dalle3_jax.trainers import t2i
+
+    t2i.add_sampler_flags(p)
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be >= 1")
+    prompts = read_prompts(args)
+
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from dalle3_jax import metrics, runtime
+
+    runtime.init()
+    config, model, tokenize, mesh, step = t2i.load_run(args.workdir, step=args.step, ema=not args.no_ema)
+    overrides = t2i.sampler_overrides(args)
+    captions = [c for c in prompts for _ in range(args.n)]
+    lengths = tokenize.encode_batch(captions, 512)[1]
+    with jax.set_mesh(mesh):
+        images = t2i.sample_captions(model, config, tokenize, captions, mesh, seed=args.seed,
+                                     max_text_len=max(int(config.input.max_text_len), int(np.max(lengths))),
+                                     **overrides)
+    grid = metrics.image_grid(images, cols=args.n)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Image.fromarray(grid).save(args.out)
+    with open(os.path.splitext(args.out)[0] + ".txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(prompts) + "\n")
+    settings = {**config.sample.to_dict(), **overrides}
+    print(f"wrote {args.out}: {len(prompts)} prompt(s) x {args.n} image(s), checkpoint step {step}, "
+          f"{'EMA' if not args.no_ema and config.ema.enabled else 'trained'} weights, {settings}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
