@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -244,35 +243,17 @@ def bench_ours(a: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def ensure_peer_venv(venv: str) -> str:
-    """Returns the python of open_clip's venv, creating the venv and installing into it if needed."""
-    python = os.path.join(venv, "bin", "python")
-    probe = [python, "-c", "import open_clip, torch, transformers"]
-    if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    if not os.path.exists(python):
-        log(f"creating the open_clip venv at {venv} (first use; several minutes)")
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    log(f"installing {' '.join(PEER_PACKAGES)} into {venv}")
-    # pip's output goes to stderr so that stdout stays the one JSON object.
-    subprocess.run([python, "-m", "pip", "install", *PEER_PACKAGES], check=True, stdout=sys.stderr)
-    subprocess.run(probe, check=True)
-    return python
-
-
 def run_peer(a: argparse.Namespace) -> dict:
-    python = ensure_peer_venv(a.peer_venv)
+    from benchmarks import common
+
+    python = common.ensure_venv(a.peer_venv, PEER_PACKAGES, "import open_clip, torch, transformers", log)
     flags = {"image-size": a.image_size, "patch": a.patch, "width": a.width, "vit-layers": a.vit_layers,
              "vit-heads": a.vit_heads, "text-heads": a.text_heads, "unimodal-layers": a.unimodal_layers,
              "multimodal-layers": a.multimodal_layers, "vocab": a.vocab, "context": a.context,
              "pool-queries": a.pool_queries, "pool-heads": a.pool_heads, "batch": a.batch,
              "train-iters": a.train_iters, "warmup": a.warmup, "decode-iters": a.slow_decode_iters,
              "new-tokens": a.new_tokens, "peak-size": a.peak_size}
-    cmd = [python, PEER_SCRIPT] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-    log("running the open_clip peer: " + " ".join(cmd))
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=a.peer_timeout, check=True)
-    lines = [line for line in done.stdout.splitlines() if line.strip()]
-    return json.loads(lines[-1])
+    return common.run_peer(python, PEER_SCRIPT, flags, a.peer_timeout, log)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -63,3 +63,82 @@ def report(result: dict, as_json: bool, width: int = 28) -> None:
         if isinstance(value, float) and math.isfinite(value):
             value = f"{value:.4g}"
         print(f"{key:{width}s} {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs of a traced program, and peers in virtual environments of their own
+
+
+def _sub_jaxprs(eqn) -> list[tuple[object, int]]:
+    """(inner jaxpr, times it runs) for the call-like parameters of one equation."""
+    out = []
+    for name, value in eqn.params.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                # A scan body runs `length` times; a cond branch or a call once (an upper bound
+                # for conds, which take one branch: every branch is counted).
+                out.append((inner, int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1))
+    return out
+
+
+def matmul_flops(fn: Callable, *args) -> float:
+    """FLOPs of the matmuls and convolutions `fn(*args)` performs (2 per multiply-add).
+
+    Counted from the traced program (jax.make_jaxpr), so it is exact for whatever the model
+    does, forward and backward alike, and leaves out elementwise work, as model FLOP
+    utilisation usually does.
+    """
+    import numpy as np
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                k = float(np.prod([lhs[d] for d in lhs_contract])) if lhs_contract else 1.0
+                total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * k
+            elif name == "conv_general_dilated":
+                rhs = eqn.invars[1].aval.shape
+                spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...) positions
+                per_output = float(np.prod([rhs[d] for d in spec[1:]]))  # Cin/groups x kernel window
+                total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * per_output
+            for inner, times in _sub_jaxprs(eqn):
+                total += times * count(inner)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def ensure_venv(venv: str, packages: tuple[str, ...], probe: str, log: Callable[[str], None]) -> str:
+    """The python of `venv`, created and given `packages` first if `probe` (an import line)
+    fails there. pip's output goes to stderr, so a benchmark's stdout stays its JSON."""
+    import os
+    import subprocess
+    import sys
+
+    python = os.path.join(venv, "bin", "python")
+    check = [python, "-c", probe]
+    if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    if not os.path.exists(python):
+        log(f"creating the venv {venv} (first use; several minutes)")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    log(f"installing {' '.join(packages)} into {venv}")
+    subprocess.run([python, "-m", "pip", "install", *packages], check=True, stdout=sys.stderr)
+    subprocess.run(check, check=True)
+    return python
+
+
+def run_peer(python: str, script: str, flags: dict, timeout: float, log: Callable[[str], None]) -> dict:
+    """Runs a peer script with `--key value` flags; returns the JSON object of its last stdout line."""
+    import subprocess
+
+    cmd = [python, script] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    log("running the peer: " + " ".join(cmd))
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, check=True)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    return json.loads(lines[-1])

@@ -33,11 +33,14 @@ import json
 import os
 import statistics
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_common import matmul_peak_flops, seconds_per_call  # noqa: E402
+from torch_common import log as _log  # noqa: E402
 
 
 def log(msg: str) -> None:
-    print(f"[open_clip peer] {msg}", file=sys.stderr, flush=True)
+    _log("open_clip peer", msg)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,17 +88,6 @@ def model_config(a: argparse.Namespace) -> dict:
     }
 
 
-def seconds_per_call(fn, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()  # torch eager on the CPU is synchronous: the work is done when the call returns
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def main(argv=None) -> None:
     a = parse_args(argv)
     import open_clip
@@ -106,8 +98,7 @@ def main(argv=None) -> None:
     pad_id, bos_id, eos_id = 0, 1, 2  # the same special ids as our side
 
     # Matmul peak as torch sees it (best of 5), to tell a slower model from a slower BLAS.
-    x = torch.randn(a.peak_size, a.peak_size)
-    peak = 2.0 * a.peak_size**3 / min(seconds_per_call(lambda: torch.mm(x, x), iters=5, warmup=1))
+    peak = matmul_peak_flops(a.peak_size)
 
     cfg = model_config(a)
     model = open_clip.CoCa(**cfg, pad_id=pad_id)
