@@ -12,11 +12,13 @@ Variants (after the colon, comma-separated):
         short or descriptive synthetic captions of the recaption job (blended with alt), or the
         oracle: the world's true descriptive captions (blended with alt)
   blend=0.95      probability of the chosen caption per example (ignored for caption=alt)
-  records=DIR     the recaption job's output (ArrayRecord shards), read for caption=ssc|dsc
+  records=DIR     the recaption job's output (ArrayRecord shards), read for caption=ssc|dsc; for
+                  one-object scenes recaption with --config.data.world.single_object=True
   single_object   one object per scene (default true; single_object=false for 1-4 groups)
   image_size=32   training resolution (the world renders at this size)
   model=S         architecture size (tiny | S | B, see models/t2i.py)
-  steps=N         total optimizer steps (0 = the default, 1200: ~20 minutes on 2 CPU cores)
+  steps=N         total optimizer steps (0 = the default, 1200: the issue's prototype trained
+                  that many in 20 minutes on an idle 2-core CPU)
   tiny            a seconds-long smoke run (tests)
 
 The default recipe is what worked on this 2-core machine (see trainers/t2i.py and the issue):
@@ -28,14 +30,17 @@ DDIM with 25 steps and guidance 3 for evaluation. Any field can be overridden wi
 """
 
 from dalle3_jax import configlib
+from dalle3_jax.data import blend
 from dalle3_jax.trainers import t2i
 
 
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, tiny=False, caption="descriptive_gt", blend=0.95, records="workdirs/recaption",
                               single_object=True, image_size=32, model="S", steps=0)
+    if arg.caption not in blend.CHOICES:
+        raise ValueError(f"caption={arg.caption!r}; valid: {', '.join(blend.CHOICES)}")
     c = t2i.default_config(smoke=arg.tiny, model_variant="tiny" if arg.tiny else arg.model)
-    c.caption = arg.caption  # checked against data/blend.py CHOICES when the task is built
+    c.caption = arg.caption  # which caption trains the model (data/blend.py CHOICES)
     c.blend = arg.blend
     if arg.caption in ("ssc", "dsc"):
         # Synthetic captions live in the recaption job's records (every record keeps its alt text).

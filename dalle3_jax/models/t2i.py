@@ -38,7 +38,8 @@ def config(variant: str = "S", **overrides: Any) -> ml_collections.ConfigDict:
 
     `overrides` may set top-level fields (vocab_size, token_bag, text_encoder); the blocks are
     edited as `cfg.unet.base_channels = ...`. The UNet's context and cond widths follow the text
-    encoder's width (see `create`).
+    encoder's width (cond_dim = 0 keeps the pooled text out), and the encoder's vocabulary is
+    the top-level vocab_size.
     """
     if variant not in VARIANTS:
         raise KeyError(f"Unknown T2I variant {variant!r}; known: {sorted(VARIANTS)}")
@@ -72,7 +73,8 @@ class TextToImage(nnx.Module):
         self.token_bag = (sharding.param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, width)),
                                          ("vocab", "embed")) if cfg.token_bag else None)
         unet_cfg = ml_collections.ConfigDict(cfg.unet.to_dict())
-        unet_cfg.context_dim = unet_cfg.cond_dim = width
+        unet_cfg.context_dim = width
+        unet_cfg.cond_dim = width if unet_cfg.cond_dim else 0  # cond_dim = 0 turns the pooled text off
         self.unet = unet.create(unet_cfg, rngs=rngs)
         self.image_size, self.channels = unet_cfg.image_size, unet_cfg.in_channels
 
