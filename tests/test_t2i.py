@@ -171,6 +171,28 @@ def test_resume_continues_exactly(run_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_trains_on_recaptioned_records(tmp_path):
+    # Records as the recaption job writes them: the world's records plus `ssc` / `dsc` captions.
+    from dalle3_jax.data.sources import ArrayRecordShardWriter
+
+    source = WorldSource("train", WorldConfig(image_size=32, single_object=True))
+    with ArrayRecordShardWriter(str(tmp_path / "recaptioned" / "recaptioned-00000-of-00001.array_record")) as w:
+        for i in range(48):
+            rec = source[i]
+            rec["captions"].update(dsc="DSC " + rec["captions"]["descriptive"], ssc=rec["captions"]["short"])
+            w.write(rec)
+    config = _config(f"tiny,caption=dsc,blend=0.5,records={tmp_path / 'recaptioned'}")
+    assert config.data.source == "arrayrecord"
+    config.total_steps, config.checkpoint_every = 2, 2
+    task = trainers.build_task(config, str(tmp_path / "run"))
+    batch = next(iter(task.train_data()))
+    assert batch["tokens"].shape == (16, 32)
+    task.evaluate = None
+    assert loop.train_and_evaluate(config, str(tmp_path / "run"), task)["step"] == 2
+    with pytest.raises(FileNotFoundError, match="no ArrayRecord files"):
+        trainers.build_task(_config(f"tiny,caption=ssc,records={tmp_path / 'missing'}"), str(tmp_path / "x"))
+
+
 def test_sample_cli_writes_a_grid(run_dir, tmp_path, capsys):
     import sample
 

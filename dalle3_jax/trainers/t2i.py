@@ -72,6 +72,10 @@ def default_config(smoke: bool = False, model_variant: str = "S") -> ml_collecti
     c.sample.eta = 0.0  # DDIM noise (0 deterministic, 1 DDPM-like)
     c.sample.clip_x0 = True  # clip predicted clean images to [-1, 1] at every step
     c.eval = ml_collections.ConfigDict()
+    # Held-out records of the validation loss and the grid: "world" = the synthetic world at
+    # eval.split with the data.world settings (also when training on recaptioned world records),
+    # "data" = the training source (config.data) at eval.split.
+    c.eval.source = "world"
     c.eval.split = "eval"  # held-out world scenes (attribute combinations never trained on)
     c.eval.caption_field = "descriptive"  # captions of the validation loss and the sample grid
     c.eval.n_val = 256  # examples of the validation loss (fixed noise and timesteps)
@@ -159,9 +163,12 @@ def sample_captions(model: nnx.Module, config: ml_collections.ConfigDict, tokeni
 
 
 def eval_source(config: ml_collections.ConfigDict):
-    """The held-out records of validation and the sample grid: config.data at config.eval.split
-    (the synthetic world's eval split unless the data section says otherwise)."""
+    """The held-out records of validation and the sample grid (see config.eval.source)."""
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    if config.eval.source == "world":
+        data_cfg.source = "world"
+    elif config.eval.source != "data":
+        raise ValueError(f"eval.source={config.eval.source!r}; valid: world, data")
     data_cfg.split = config.eval.split
     if data_cfg.source == "tfds":
         data_cfg.tfds_split = config.eval.split
