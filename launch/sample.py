@@ -3,11 +3,18 @@
     python launch/sample.py --workdir=workdirs/t2i_oracle --prompt "a large blue square in the center" --out grid.png
     python launch/sample.py --workdir=DIR --prompts_file prompts.txt --n 4 --guidance 3 --steps 50 \\
         --seed 0 --sampler dpmpp_2m --out grid.png
+    OPENAI_API_KEY=... python launch/sample.py --workdir=DIR --prompt "two green stars" --upsample=llm \\
+        --upsample_model gpt-4o-mini
 
 Each prompt gets --n images (one grid row per prompt); a prompts file holds one prompt per line
 (blank lines and lines starting with # are skipped). The EMA weights of the latest checkpoint are
 used unless --no-ema / --step say otherwise. The prompts, in grid order, are written next to the
 PNG as <out>.txt.
+
+--upsample=llm rewrites each prompt first into one descriptive prompt (15-80 words) through an
+OpenAI-compatible chat endpoint (dalle3_jax/upsample/llm.py; the API key is read from the variable
+named by --upsample_api_key_env, never from the command line); the upsampled prompts are the ones
+sampled and written to <out>.txt.
 """
 
 import argparse
@@ -29,6 +36,33 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def add_upsample_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--upsample", default="none", choices=("none", "llm"),
+                        help="rewrite prompts into descriptive ones first (llm: an OpenAI-compatible endpoint)")
+    parser.add_argument("--upsample_base_url", default=None, help="endpoint base URL (default: https://api.openai.com/v1)")
+    parser.add_argument("--upsample_model", default=None, help="chat model name (default: gpt-4o-mini)")
+    parser.add_argument("--upsample_api_key_env", default=None,
+                        help="environment variable holding the API key (default: OPENAI_API_KEY; '' for none)")
+
+
+def upsample_prompts(args: argparse.Namespace, prompts: list[str]) -> list[str]:
+    """The prompts to sample: unchanged, or upsampled as --upsample asks (exits with a clear error)."""
+    if args.upsample == "none":
+        return prompts
+    from dalle3_jax.upsample import llm
+
+    given = dict(base_url=args.upsample_base_url, model=args.upsample_model, api_key_env=args.upsample_api_key_env)
+    config = llm.LLMConfig(**{k: v for k, v in given.items() if v is not None})
+    try:
+        results = llm.LLMUpsampler(config).upsample_results(prompts)
+    except llm.UpsampleError as e:
+        raise SystemExit(f"error: --upsample=llm: {e}") from None
+    for r in results:
+        note = "" if r.valid else f" (best effort: {r.words} words, outside {config.min_words}-{config.max_words})"
+        print(f"upsampled {r.prompt!r} -> {r.text!r}{note}", flush=True)
+    return [r.text for r in results]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a T2I run directory (launch/train.py --config=configs/t2i.py)")
@@ -39,10 +73,12 @@ def main(argv=None) -> int:
     from dalle3_jax.trainers import t2i
 
     t2i.add_sampler_flags(p)
+    add_upsample_flags(p)
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
-    prompts = read_prompts(args)
+    # Before the model loads, so a misconfigured endpoint fails in seconds.
+    prompts = upsample_prompts(args, read_prompts(args))
 
     import jax
     import numpy as np

@@ -1,0 +1,14 @@
+"""Prompt upsampling (stage 6 of the recipe): a short prompt becomes one descriptive prompt.
+
+A T2I model trained on descriptive captions follows descriptive prompts best, so users' short
+prompts are rewritten before sampling. Two upsamplers are planned:
+
+- a learned local model, a small text model trained on (SSC caption, DSC caption) pairs of the
+  same images (not yet built);
+- `dalle3_jax.upsample.llm`: any OpenAI-compatible chat endpoint, asked with the project's own
+  system prompt and few-shot examples for one description of 15-80 words.
+
+    from dalle3_jax.upsample import llm
+    upsampler = llm.LLMUpsampler(llm.LLMConfig(base_url="http://localhost:8000/v1", model="my-model"))
+    upsampler.upsample(["three blue squares"])   # -> ["Three small blue squares sit ..."]
+"""
