@@ -29,7 +29,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from dalle3_jax import sharding
+from dalle3_jax import models, sharding
 from dalle3_jax.models import layers, text, vit
 
 # Architecture per variant name. tiny: tests and fast CPU runs. S/B/L: CoCa-like proportions
@@ -57,8 +57,6 @@ def config(variant: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict
 
     Raises KeyError for an unknown variant and for an override that is not a config field.
     """
-    if variant not in VARIANTS:
-        raise KeyError(f"Unknown CoCa variant {variant!r}; known: {sorted(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.model = "coca"  # registry name (dalle3_jax.models.get)
     c.variant = variant  # the row of VARIANTS the architecture came from
@@ -98,12 +96,7 @@ def config(variant: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict
     # --- numerics ---
     c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (norms/softmax/loss stay f32)
     c.param_dtype = "float32"  # storage dtype of the parameters (the optimizer's master copy)
-    c.update(VARIANTS[variant])
-    for key, value in overrides.items():
-        if key not in c:
-            raise KeyError(f"Unknown CoCa config field {key!r}; fields: {sorted(c.keys())}")
-        c[key] = value
-    return c
+    return models.finish_config(c, VARIANTS, variant, overrides, "CoCa")
 
 
 def _dtype(name: str):

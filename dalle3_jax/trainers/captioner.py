@@ -59,13 +59,7 @@ def default_config(smoke: bool = False, model_variant: str = "tiny") -> ml_colle
                        vit_stem=(8, 16))
         c.model.max_text_len = 24
         c.input.max_text_len = 24
-        c.input.global_batch_size = 16
-        c.input.read_threads = 1
-        c.total_steps = 4
-        c.log_every = 2
-        c.eval_every = 0
-        c.checkpoint_every = 2
-        c.optim.warmup_steps = 1
+        loop.smoke_settings(c)
         c.eval.n_examples = 16
         c.eval.batch_size = 8
         c.eval.decode.max_len = 8
