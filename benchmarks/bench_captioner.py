@@ -59,12 +59,9 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quick", action="store_true", help="few timed iterations (same dimensions)")
-    p.add_argument("--no-peer", action="store_true", help="skip open_clip")
-    p.add_argument("--peer-venv", default=DEFAULT_PEER_VENV, help="open_clip's venv (created if missing)")
-    p.add_argument("--peer-timeout", type=float, default=1800.0, help="seconds before the peer is abandoned")
+    from benchmarks import common
+
+    p = common.peer_bench_parser(__doc__, "open_clip", DEFAULT_PEER_VENV)
     dims = p.add_argument_group("dimensions (both models)")
     for name, default in [("image-size", 64), ("patch", 8), ("width", 256), ("vit-layers", 4), ("vit-heads", 4),
                           ("text-heads", 4), ("unimodal-layers", 4), ("multimodal-layers", 4), ("vocab", 1000),

@@ -59,12 +59,9 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quick", action="store_true", help="few timed iterations (same dimensions)")
-    p.add_argument("--no-peer", action="store_true", help="skip diffusers")
-    p.add_argument("--peer-venv", default=DEFAULT_PEER_VENV, help="diffusers' venv (created if missing)")
-    p.add_argument("--peer-timeout", type=float, default=1800.0, help="seconds before the peer is abandoned")
+    from benchmarks import common
+
+    p = common.peer_bench_parser(__doc__, "diffusers", DEFAULT_PEER_VENV)
     dims = p.add_argument_group("dimensions (both models)")
     dims.add_argument("--channels", default="64,128,128", help="channels per level, comma-separated")
     for name, default in [("image-size", 32), ("layers", 2), ("context-dim", 256), ("context-len", 32), ("heads", 8),

@@ -9,6 +9,7 @@ limits) slows the peak and the model alike, which keeps the ratio meaningful on 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -17,6 +18,18 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+
+def peer_bench_parser(doc: str, peer: str, default_venv: str) -> argparse.ArgumentParser:
+    """The options every benchmark against a PyTorch peer shares (--json, --quick, --no-peer,
+    --peer-venv, --peer-timeout); the benchmark adds its dimensions and iteration counts."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quick", action="store_true", help="few timed iterations (same dimensions)")
+    p.add_argument("--no-peer", action="store_true", help=f"skip {peer}")
+    p.add_argument("--peer-venv", default=default_venv, help=f"the venv for {peer} (created if missing)")
+    p.add_argument("--peer-timeout", type=float, default=1800.0, help="seconds before the peer is abandoned")
+    return p
 
 
 def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
