@@ -5,7 +5,8 @@ place, and the background).
     python launch/train.py --config=configs/captioner_descriptive.py --workdir=workdirs/captioner_descriptive
     python launch/train.py --config=configs/captioner_descriptive.py:tiny,init_from=none --workdir=/tmp/dsc
 
-Variants: `tiny`, `model=S|B|L`, `steps=N`, `init_from=DIR[:STEP]` (default: the pretrain run's
+Variants: `single_object` (one object per scene), `image_size=N` (world and model resolution),
+`tiny`, `model=S|B|L`, `steps=N`, `init_from=DIR[:STEP]` (default: the pretrain run's
 checkpoints under workdirs/; "none" starts from scratch).
 """
 
@@ -14,7 +15,7 @@ from dalle3_jax.trainers import captioner
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0,
+    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0, single_object=False, image_size=0,
                               init_from="workdirs/captioner_pretrain/checkpoints")
     c = captioner.finetune_config(arg, caption_field="descriptive")
     c.optim.lr = 1e-3  # as high as pretraining: the vision tower still has most to learn
@@ -26,4 +27,5 @@ def get_config(arg=None):
         c.optim.warmup_steps = 100
     if arg.steps:
         c.total_steps = arg.steps
+    captioner.apply_world_variant(c, arg)
     return c

@@ -3,7 +3,8 @@
     python launch/train.py --config=configs/captioner_pretrain.py --workdir=workdirs/captioner_pretrain
     python launch/train.py --config=configs/captioner_pretrain.py:tiny --workdir=/tmp/pretrain_tiny
 
-Variants: `tiny` (a seconds-long smoke run), `model=S|B|L` (architecture size), `steps=N`.
+Variants: `single_object` (one object per scene), `image_size=N` (world and model resolution),
+`tiny` (a seconds-long smoke run), `model=S|B|L` (architecture size), `steps=N`.
 """
 
 from dalle3_jax import configlib
@@ -11,7 +12,7 @@ from dalle3_jax.trainers import captioner
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0)
+    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0, single_object=False, image_size=0)
     c = captioner.default_config(smoke=arg.tiny, model_variant=arg.model)
     c.data.split = "train"  # the large split; the recipe only uses its alt text
     c.input.caption_field = "alt"  # web-like alt text: noisy, short, often wrong
@@ -25,4 +26,5 @@ def get_config(arg=None):
         c.checkpoint_every = 500
     if arg.steps:
         c.total_steps = arg.steps
+    captioner.apply_world_variant(c, arg)
     return c

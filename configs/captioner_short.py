@@ -4,7 +4,8 @@ finetune split's short ground-truth captions ("three blue squares").
     python launch/train.py --config=configs/captioner_short.py --workdir=workdirs/captioner_short
     python launch/train.py --config=configs/captioner_short.py:tiny,init_from=/tmp/pretrain_tiny/checkpoints --workdir=/tmp/ssc
 
-Variants: `tiny`, `model=S|B|L`, `steps=N`, `init_from=DIR[:STEP]` (default: the pretrain run's
+Variants: `single_object` (one object per scene), `image_size=N` (world and model resolution),
+`tiny`, `model=S|B|L`, `steps=N`, `init_from=DIR[:STEP]` (default: the pretrain run's
 checkpoints under workdirs/; "none" starts from scratch).
 """
 
@@ -13,7 +14,7 @@ from dalle3_jax.trainers import captioner
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0,
+    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0, single_object=False, image_size=0,
                               init_from="workdirs/captioner_pretrain/checkpoints")
     c = captioner.finetune_config(arg, caption_field="short")
     c.input.max_text_len = min(c.input.max_text_len, 16)  # short captions are <= 5 tokens
@@ -27,4 +28,5 @@ def get_config(arg=None):
         c.optim.warmup_steps = 50
     if arg.steps:
         c.total_steps = arg.steps
+    captioner.apply_world_variant(c, arg)
     return c

@@ -12,7 +12,8 @@ already committed are skipped, and a finished job does nothing.
 
 Variants: `tiny` (64 world images, small shards: seconds), `ssc=DIR` and `dsc=DIR` (captioner
 run directories; "none" leaves that caption out), `n=N` (recaption only the first N inputs),
-`out=DIR` (the output directory).
+`out=DIR` (the output directory), `single_object` and `image_size=N` (the world slice: one object
+per scene, render size; images are resized to each captioner's input size).
 """
 
 from dalle3_jax import configlib
@@ -20,7 +21,7 @@ from dalle3_jax.recaption import job
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, tiny=False, ssc="", dsc="", n=0, out="")
+    arg = configlib.parse_arg(arg, tiny=False, ssc="", dsc="", n=0, out="", single_object=False, image_size=0)
     c = job.default_config()  # every field is documented in dalle3_jax/recaption/job.py
     if arg.tiny:
         c.limit = 64  # the first 64 images of the world's train split
@@ -39,4 +40,9 @@ def get_config(arg=None):
         c.limit = arg.n
     if arg.out:
         c.output_dir = arg.out
+    # The world slice to recaption (the T2I run that reads the output must use the same one).
+    if arg.single_object:
+        c.data.world.single_object = True
+    if arg.image_size:
+        c.data.world.image_size = arg.image_size
     return c

@@ -79,6 +79,19 @@ def finetune_config(arg: ml_collections.ConfigDict, caption_field: str) -> ml_co
     return c
 
 
+def apply_world_variant(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The world-slice variant keys shared by the captioner configs: `single_object` (one object
+    per scene, the quick pipeline's slice) and `image_size` (render and model resolution; 0 keeps
+    the model's). Training, eval and recaptioning then all see the same world."""
+    if arg.single_object:
+        c.data.world.single_object = True
+    if arg.image_size:
+        c.data.world.image_size = arg.image_size
+        c.model.image_size = arg.image_size
+        c.input.image_size = arg.image_size
+    return c
+
+
 def make_model(config: ml_collections.ConfigDict) -> coca.CoCa:
     """The CoCa model of a captioner config (seeded by config.seed)."""
     return coca.create(config.model, rngs=nnx.Rngs(config.seed))
