@@ -1,0 +1,1 @@
+"""The recipe end to end: the pipeline's stages (stages.py) and their runner (runner.py)."""
