@@ -13,8 +13,14 @@ PNG as <out>.txt.
 
 --upsample=llm rewrites each prompt first into one descriptive prompt (15-80 words) through an
 OpenAI-compatible chat endpoint (dalle3_jax/upsample/llm.py; the API key is read from the variable
-named by --upsample_api_key_env, never from the command line); the upsampled prompts are the ones
-sampled and written to <out>.txt.
+named by --upsample_api_key_env, never from the command line); --upsample=learned does it with a
+local learned upsampler trained by configs/upsampler.py (--upsampler_workdir=DIR; its decoding
+settings are the run's, overridden by --upsample_method / --upsample_temperature / --upsample_top_p /
+--upsample_top_k; sampling uses --seed). The upsampled prompts are the ones sampled and written to
+<out>.txt.
+
+    python launch/sample.py --workdir=DIR --prompt "a green star" --upsample=learned \
+        --upsampler_workdir=workdirs/upsampler
 """
 
 import argparse
@@ -37,18 +43,51 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def add_upsample_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--upsample", default="none", choices=("none", "llm"),
-                        help="rewrite prompts into descriptive ones first (llm: an OpenAI-compatible endpoint)")
+    parser.add_argument("--upsample", default="none", choices=("none", "llm", "learned"),
+                        help="rewrite prompts into descriptive ones first (llm: an OpenAI-compatible endpoint; "
+                             "learned: a local upsampler run, --upsampler_workdir)")
     parser.add_argument("--upsample_base_url", default=None, help="endpoint base URL (default: https://api.openai.com/v1)")
     parser.add_argument("--upsample_model", default=None, help="chat model name (default: gpt-4o-mini)")
     parser.add_argument("--upsample_api_key_env", default=None,
                         help="environment variable holding the API key (default: OPENAI_API_KEY; '' for none)")
+    parser.add_argument("--upsampler_workdir", default=None,
+                        help="--upsample=learned: the upsampler run (launch/train.py --config=configs/upsampler.py)")
+    parser.add_argument("--upsampler_step", type=int, default=None, help="its checkpoint step (default: latest)")
+    parser.add_argument("--upsample_method", default=None, choices=("greedy", "beam", "sample"),
+                        help="--upsample=learned decoding (default: the run's, sample)")
+    parser.add_argument("--upsample_temperature", type=float, default=None,
+                        help="sampling temperature (default: the run's)")
+    parser.add_argument("--upsample_top_p", type=float, default=None, help="nucleus mass (default: the run's)")
+    parser.add_argument("--upsample_top_k", type=int, default=None, help="top-k, 0 = all (default: the run's)")
+
+
+def _upsample_learned(args: argparse.Namespace, prompts: list[str]) -> list[str]:
+    if not args.upsampler_workdir:
+        raise SystemExit("error: --upsample=learned needs --upsampler_workdir=DIR (an upsampler run: "
+                         "launch/train.py --config=configs/upsampler.py --workdir=DIR)")
+    from dalle3_jax import runtime
+    from dalle3_jax.upsample import learned
+
+    runtime.init()
+    given = dict(method=args.upsample_method, temperature=args.upsample_temperature, top_p=args.upsample_top_p,
+                 top_k=args.upsample_top_k)
+    try:
+        upsampler = learned.Upsampler.from_workdir(args.upsampler_workdir, step=args.upsampler_step)
+        settings = {k: v for k, v in given.items() if v is not None}
+        texts = upsampler.upsample(prompts, seed=getattr(args, "seed", 0), **settings)
+    except (FileNotFoundError, ValueError) as e:  # PromptError is a ValueError
+        raise SystemExit(f"error: --upsample=learned: {e}") from None
+    for prompt, text in zip(prompts, texts):
+        print(f"upsampled {prompt!r} -> {text!r}", flush=True)
+    return texts
 
 
 def upsample_prompts(args: argparse.Namespace, prompts: list[str]) -> list[str]:
     """The prompts to sample: unchanged, or upsampled as --upsample asks (exits with a clear error)."""
     if args.upsample == "none":
         return prompts
+    if args.upsample == "learned":
+        return _upsample_learned(args, prompts)
     from dalle3_jax.upsample import llm
 
     given = dict(base_url=args.upsample_base_url, model=args.upsample_model, api_key_env=args.upsample_api_key_env)

@@ -29,6 +29,7 @@ _REGISTRY: dict[str, str] = {
     "t5": "dalle3_jax.models.t5",  # the T2I text encoder (relative position bias)
     "unet": "dalle3_jax.models.unet",  # the T2I denoiser
     "t2i": "dalle3_jax.models.t2i",  # text encoder + token bag + UNet, as trained by trainers/t2i.py
+    "upsampler": "dalle3_jax.models.upsampler",  # prompt upsampler: T5 encoder + causal decoder
 }
 
 

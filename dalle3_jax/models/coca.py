@@ -222,6 +222,14 @@ class CoCa(nnx.Module):
         """tokens [B, T] at positions index.. -> (logits [B, T, V], cache)."""
         return self.text.decode_step(tokens, index, cache, cross_kv)
 
+    def decode_context(self, images: jax.Array) -> jax.Array:
+        """What the uncached reference decoder (decode.generate_uncached) conditions on."""
+        return self.caption_queries(images)
+
+    def decode_logits(self, context: jax.Array, tokens: jax.Array) -> jax.Array:
+        """The reference decoder's full pass: context from `decode_context`, tokens [B, L] -> logits."""
+        return self.caption_logits(context, tokens)
+
 
 def create(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None) -> CoCa:
     """Builds a CoCa model from its config (seed 0 unless `rngs` is given)."""

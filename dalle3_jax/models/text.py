@@ -8,6 +8,10 @@ residual stream:
   multimodal  causal self-attention + cross-attention to image tokens [B, N, Dc]; ends in the
               output projection to next-token logits [B, L, V].
 
+The same module is the decoder of the learned prompt upsampler (models/upsampler.py) with no
+unimodal half and no CLS token (`cls_token=False`): there the context is a text encoder's token
+states, whose padding is masked with `context_mask` [B, 1, 1, N] (True = a real token).
+
 Padding never reaches the text embedding: the real tokens are the non-pad tokens up to and
 including the first eos (`token_mask`; whatever follows an eos is padding, whatever its id),
 other keys are masked in every self-attention, and the CLS token takes the position id right
@@ -49,6 +53,7 @@ class TextDecoder(nnx.Module):
         multimodal_layers: int,
         context_dim: int,
         tied_embedding: bool = True,
+        cls_token: bool = True,
         norm: str = "layernorm",
         pad_id: int = 0,
         eos_id: int = 2,
@@ -64,7 +69,8 @@ class TextDecoder(nnx.Module):
         self.token_embed = sharding.param(normal(0.02, (vocab_size, width)), ("vocab", "embed"))
         # One extra row: the CLS token of a full-length sequence sits at position max_len.
         self.pos_embed = sharding.param(normal(0.01, (max_len + 1, width)), ("pos", "embed"))
-        self.cls = sharding.param(normal(0.02, (width,)), ("embed",))
+        # cls_token=False: a decoder that never embeds whole texts has no CLS parameters.
+        self.cls = sharding.param(normal(0.02, (width,)), ("embed",)) if cls_token else None
         self.unimodal = nnx.List(
             [layers.Block(width, heads, mlp_dim, norm=norm, rngs=rngs, **kw) for _ in range(unimodal_layers)]
         )
@@ -74,7 +80,7 @@ class TextDecoder(nnx.Module):
                 for _ in range(multimodal_layers)
             ]
         )
-        self.norm_cls = layers.Norm(width, norm, **kw)
+        self.norm_cls = layers.Norm(width, norm, **kw) if cls_token else None
         self.norm_out = layers.Norm(width, norm, **kw)
         # Tied: logits = h · E^T reuses the input embedding (fewer parameters, and a shared
         # token geometry between reading and writing). Untied: a separate D -> V projection.
@@ -120,6 +126,8 @@ class TextDecoder(nnx.Module):
         """
         b, length = tokens.shape
         self._check_length(length)
+        if with_cls and self.cls is None:
+            raise ValueError("this decoder was built with cls_token=False; call run_unimodal(with_cls=False)")
         valid = token_mask(tokens, self.pad_id, self.eos_id)
         x = self.embed(tokens, jnp.arange(length))
         if with_cls:
@@ -135,14 +143,16 @@ class TextDecoder(nnx.Module):
             return x, None
         return x[:, :length], self.norm_cls(x[:, length])
 
-    def run_multimodal(self, hidden: jax.Array, tokens: jax.Array, context: jax.Array) -> jax.Array:
+    def run_multimodal(self, hidden: jax.Array, tokens: jax.Array, context: jax.Array,
+                       context_mask: jax.Array | None = None) -> jax.Array:
         """hidden [B, L, D] from `run_unimodal`, tokens [B, L] (for the pad mask), context
-        [B, N, Dc] -> next-token logits [B, L, V] (float32)."""
+        [B, N, Dc], context_mask [B, 1, 1, N] (None = every context token is real)
+        -> next-token logits [B, L, V] (float32)."""
         valid = token_mask(tokens, self.pad_id, self.eos_id)
         mask = layers.causal_mask(tokens.shape[1]) & layers.key_mask(valid)
         x = hidden
         for block in self.multimodal:
-            x = block(x, mask=mask, context=context)
+            x = block(x, mask=mask, context=context, context_mask=context_mask)
         return self.logits(x)
 
     # -- incremental decoding ------------------------------------------------------------------
@@ -161,9 +171,11 @@ class TextDecoder(nnx.Module):
         return [blk.cross_attn.project_kv_cached(context) for blk in self.multimodal]
 
     def decode_step(
-        self, tokens: jax.Array, index: jax.Array, cache: dict[str, list], cross_kv: list
+        self, tokens: jax.Array, index: jax.Array, cache: dict[str, list], cross_kv: list,
+        context_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, list]]:
-        """Tokens [B, T] at positions index .. index+T-1 -> (logits [B, T, V], updated cache)."""
+        """Tokens [B, T] at positions index .. index+T-1 -> (logits [B, T, V], updated cache);
+        context_mask [B, 1, 1, N] as in `run_multimodal`."""
         positions = index + jnp.arange(tokens.shape[1])
         x = self.embed(tokens, positions)
         new_uni, new_multi = [], []
@@ -171,6 +183,6 @@ class TextDecoder(nnx.Module):
             x, c = block.decode(x, index, c)
             new_uni.append(c)
         for block, c, kv in zip(self.multimodal, cache["multimodal"], cross_kv):
-            x, c = block.decode(x, index, c, kv)
+            x, c = block.decode(x, index, c, kv, context_mask)
             new_multi.append(c)
         return self.logits(x), {"unimodal": new_uni, "multimodal": new_multi}

@@ -1,14 +1,17 @@
-"""Autoregressive captioning: greedy, beam search and top-k / top-p sampling with a KV cache.
+"""Autoregressive decoding with a KV cache: greedy, beam search and top-k / top-p sampling.
 
-    tokens = generate(model, images, max_len=32)                       # greedy
+    tokens = generate(model, images, max_len=32)                       # a captioner: greedy
     tokens = generate(model, images, method="beam", beam_size=4, length_penalty=0.6)
     tokens = generate(model, images, method="sample", top_p=0.9, temperature=0.8, rng=key)
+    tokens = generate(upsampler, prompt_tokens, max_len=80)            # a text-to-text model
 
-`tokens` is int32 [B, max_len]: the caption without bos, then eos, then pad to the end (a
-caption that reaches max_len without eos is simply cut). Everything runs in one jitted
-program with static shapes: the image is encoded once, the cross-attention K/V of the caption
-queries are computed once, and a `lax.while_loop` feeds one token per step through the text
-decoder's self-attention caches [B, max_len, H, K], stopping as soon as every sequence is done.
+The conditioning input is whatever the model decodes from, batch first: images [B, H, W, 3]
+for a captioner (models/coca.py), source tokens [B, S] for the prompt upsampler
+(models/upsampler.py). `tokens` is int32 [B, max_len]: the text without bos, then eos, then pad
+to the end (a text that reaches max_len without eos is simply cut). Everything runs in one
+jitted program with static shapes: the input is encoded once, the cross-attention K/V of the
+decoder are computed once, and a `lax.while_loop` feeds one token per step through the text
+decoder's self-attention caches [B, H, max_len, K], stopping as soon as every sequence is done.
 
 Settings that change the program (method, sizes, penalties) are static: each distinct
 combination compiles once per input shape and is cached by `jax.jit`; `TRACE_COUNTS` records
@@ -19,9 +22,10 @@ forward pass over the whole static-length prefix at every step. It is the correc
 for the cache and the baseline for benchmarks.
 
 A model is decodable if it has `config.{pad_id, bos_id, eos_id, vocab_size}`,
-`start_decoding(images, cache_len) -> (cross_kv, cache)`, `decode_step(tokens [B, 1], index,
-cache, cross_kv) -> (logits [B, 1, V], cache)`, and for the reference `caption_queries(images)`
-and `caption_logits(queries, tokens) -> logits [B, L, V]` (see `dalle3_jax.models.coca`).
+`start_decoding(inputs, cache_len) -> (cross, cache)`, `decode_step(tokens [B, 1], index,
+cache, cross) -> (logits [B, 1, V], cache)` (`cross` is any pytree with batch-first leaves, e.g.
+the cross-attention K/V and a context mask; beam search repeats it per beam), and for the
+reference `decode_context(inputs)` and `decode_logits(context, tokens) -> logits [B, L, V]`.
 
 Dimension letters: B batch, K beams, L max_len, V vocabulary.
 """
@@ -50,7 +54,7 @@ class Settings:
 
     max_len: int = 32  # generated tokens per caption (eos included), excluding bos
     method: str = "greedy"  # "greedy", "beam" or "sample"
-    beam_size: int = 4  # beams per image (method="beam")
+    beam_size: int = 4  # beams per input (method="beam")
     top_k: int = 0  # sample only among the k most likely tokens (0 = all)
     top_p: float = 1.0  # nucleus sampling: smallest set of tokens with this total probability
     temperature: float = 1.0  # logits are divided by this before sampling
@@ -141,9 +145,9 @@ def _ids(model) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _greedy_or_sample(model, s: Settings, images: jax.Array, keys: jax.Array) -> jax.Array:
-    ids, b, length = _ids(model), images.shape[0], s.max_len
-    cross_kv, cache = model.start_decoding(images, length)
+def _greedy_or_sample(model, s: Settings, inputs: jax.Array, keys: jax.Array) -> jax.Array:
+    ids, b, length = _ids(model), inputs.shape[0], s.max_len
+    cross_kv, cache = model.start_decoding(inputs, length)
     vocab = model.config.vocab_size
     seq = jnp.full((b, length + 1), ids["pad"], jnp.int32).at[:, 0].set(ids["bos"])
     init = (jnp.int32(0), seq, jnp.zeros((b,), bool), jnp.zeros((b, vocab), bool), cache)
@@ -171,17 +175,17 @@ def _greedy_or_sample(model, s: Settings, images: jax.Array, keys: jax.Array) ->
     return seq[:, 1:]
 
 
-def _beam_search(model, s: Settings, images: jax.Array) -> jax.Array:
+def _beam_search(model, s: Settings, inputs: jax.Array) -> jax.Array:
     """Beam search keeping finished hypotheses in the beam with a frozen score.
 
     Each step scores every continuation of every beam (a finished beam may only continue with
     pad at no cost), ranks by log-prob / length**length_penalty and keeps the best K. With
     K = 1 this is exactly greedy decoding.
     """
-    ids, b, k, length = _ids(model), images.shape[0], s.beam_size, s.max_len
+    ids, b, k, length = _ids(model), inputs.shape[0], s.beam_size, s.max_len
     vocab = model.config.vocab_size
-    cross_kv, cache = model.start_decoding(images, length)
-    # Beams are folded into the batch dim: row b*K + j is beam j of image b. The image context is
+    cross_kv, cache = model.start_decoding(inputs, length)
+    # Beams are folded into the batch dim: row b*K + j is beam j of input b. The input is
     # encoded once and repeated; only the self-attention caches differ between beams.
     repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
     cross_kv, cache = jax.tree.map(repeat, (cross_kv, cache))
@@ -228,19 +232,19 @@ def _beam_search(model, s: Settings, images: jax.Array) -> jax.Array:
     return seq.reshape(b, k, length + 1)[jnp.arange(b), best, 1:]
 
 
-def _run_cached(graphdef, s: Settings, state, images, keys):
+def _run_cached(graphdef, s: Settings, state, inputs, keys):
     TRACE_COUNTS["cached"] += 1
     model = nnx.merge(graphdef, state)
     if s.method == "beam":
-        return _beam_search(model, s, images)
-    return _greedy_or_sample(model, s, images, keys)
+        return _beam_search(model, s, inputs)
+    return _greedy_or_sample(model, s, inputs, keys)
 
 
-def _run_uncached(graphdef, s: Settings, state, images):
+def _run_uncached(graphdef, s: Settings, state, inputs):
     TRACE_COUNTS["uncached"] += 1
     model = nnx.merge(graphdef, state)
-    ids, b, length = _ids(model), images.shape[0], s.max_len
-    queries = model.caption_queries(images)
+    ids, b, length = _ids(model), inputs.shape[0], s.max_len
+    context = model.decode_context(inputs)
     seq = jnp.full((b, length + 1), ids["pad"], jnp.int32).at[:, 0].set(ids["bos"])
     vocab = model.config.vocab_size
 
@@ -248,7 +252,7 @@ def _run_uncached(graphdef, s: Settings, state, images):
         seq, done, seen = state
         # The whole static-length prefix (positions 0 .. L-1) every step; causality makes the
         # not-yet-written pads irrelevant to position t.
-        logits = model.caption_logits(queries, seq[:, :length])
+        logits = model.decode_logits(context, seq[:, :length])
         logits = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)
         nxt = jnp.argmax(_process(logits.astype(jnp.float32), s, ids, t, seq, seen), axis=-1)
         nxt = jnp.where(done, ids["pad"], nxt).astype(jnp.int32)
@@ -273,7 +277,7 @@ def _per_example_keys(rng: Any, batch: int) -> jax.Array:
     if rng.ndim == 0:
         return jax.random.split(rng, batch)
     if rng.shape != (batch,):
-        raise ValueError(f"rng must be one key or {batch} keys (one per image), got shape {rng.shape}")
+        raise ValueError(f"rng must be one key or {batch} keys (one per input), got shape {rng.shape}")
     return rng
 
 
@@ -282,13 +286,14 @@ def _per_example_keys(rng: Any, batch: int) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 
-def generate(model: nnx.Module, images: jax.Array, *, rng: Any = None, **settings: Any) -> jax.Array:
-    """Captions images [B, H, W, 3] -> int32 tokens [B, max_len] (no bos; eos, then pad).
+def generate(model: nnx.Module, inputs: jax.Array, *, rng: Any = None, **settings: Any) -> jax.Array:
+    """Decodes from inputs [B, ...] (images [B, H, W, 3] for a captioner, source tokens [B, S]
+    for the upsampler) -> int32 tokens [B, max_len] (no bos; eos, then pad).
 
     settings: the fields of `Settings` (max_len=32, method="greedy", beam_size=4, top_k=0,
     top_p=1.0, temperature=1.0, min_len=0, repetition_penalty=1.0, no_repeat_ngram=0,
     length_penalty=0.0). `rng` (method="sample" only, required there): an int seed, a PRNG key,
-    or [B] keys; with [B] keys each caption depends only on its own key, so a resumed or
+    or [B] keys; with [B] keys each output depends only on its own key, so a resumed or
     re-sharded job that derives keys from example ids reproduces the same captions.
     """
     s = Settings(**settings)
@@ -296,16 +301,16 @@ def generate(model: nnx.Module, images: jax.Array, *, rng: Any = None, **setting
     if s.method == "sample":
         if rng is None:
             raise ValueError("method='sample' needs rng (a seed or a PRNG key).")
-        keys = _per_example_keys(rng, images.shape[0])
+        keys = _per_example_keys(rng, inputs.shape[0])
     else:
-        keys = jax.random.split(jax.random.key(0), images.shape[0])  # unused; fixed signature
+        keys = jax.random.split(jax.random.key(0), inputs.shape[0])  # unused; fixed signature
     graphdef, state = nnx.split(model)
-    return _cached_program(graphdef, s, state, images, keys)
+    return _cached_program(graphdef, s, state, inputs, keys)
 
 
 def generate_uncached(
     model: nnx.Module,
-    images: jax.Array,
+    inputs: jax.Array,
     *,
     max_len: int = 32,
     min_len: int = 0,
@@ -318,4 +323,4 @@ def generate_uncached(
                  no_repeat_ngram=no_repeat_ngram)
     s.validate()
     graphdef, state = nnx.split(model)
-    return _uncached_program(graphdef, s, state, images)
+    return _uncached_program(graphdef, s, state, inputs)

@@ -11,6 +11,8 @@ import importlib
 TRAINERS = {
     "captioner": "dalle3_jax.trainers.captioner",
     "t2i": "dalle3_jax.trainers.t2i",
+    "upsampler": "dalle3_jax.trainers.upsampler",  # the learned prompt upsampler (configs/upsampler.py)
+    "clip": "dalle3_jax.trainers.clip",  # the evaluation CLIP (configs/eval_clip.py)
 }
 
 

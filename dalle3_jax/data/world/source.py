@@ -42,6 +42,15 @@ class World:
         """The rendered image, uint8 [H, W, 3]."""
         return render(self.scene(split, index), self.config.image_size)
 
+    def text_example(self, split: str, index: int) -> dict:
+        """`example` without the image: {"id", "captions", "scene"}, the same captions (rendering
+        costs most of an example; text-only consumers such as the prompt upsampler skip it)."""
+        i = self._check(split, index)
+        scene_rng, caption_rng, alt_rng = scene_rngs(self.config.seed, split, i)
+        scene = sample_scene(scene_rng, self.config, split)
+        return {"id": f"{split}/{i:09d}", "captions": captions(scene, caption_rng, self.config, alt_rng),
+                "scene": scene.to_json()}
+
     def example(self, split: str, index: int) -> dict:
         """{"id", "image" uint8 [H, W, 3], "captions" {descriptive, short, alt}, "scene" JSON}."""
         i = self._check(split, index)
