@@ -45,7 +45,10 @@ def get_config(arg=None):
     c.captioner.model = "tiny"  # CoCa size (models/coca.py variants)
     c.captioner.pretrain_steps = {"tiny": 4, "quick": 300, "full": 2000}[variant]  # stage 1, batch 64 alt text
     c.captioner.ssc_steps = {"tiny": 4, "quick": 200, "full": 2000}[variant]  # stage 2a on the finetune split
-    c.captioner.dsc_steps = {"tiny": 4, "quick": 500, "full": 3000}[variant]  # stage 2b on the finetune split
+    c.captioner.dsc_steps = {"tiny": 4, "quick": 800, "full": 3000}[variant]  # stage 2b on the finetune split
+    # Fine-tuning lr: on one-object 32 px scenes a DSC at 3e-3 reached fact recall 0.66 in 1,000
+    # steps (1e-3: 0.27 at 500 steps, against 0.46 at 3e-3); shape is the last fact learned.
+    c.captioner.finetune_lr = 3e-3 if c.world.single_object else 1e-3
 
     c.recaption = ml_collections.ConfigDict()
     # Train-split images recaptioned by SSC and DSC; every T2I model trains on these same images.

@@ -83,7 +83,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
             name, f"stage 2: fine-tune the {what} captioner ({name.upper()})",
             _script("train.py") + [f"--config=configs/{cfg}.py:" + _variant(tiny,
                 model=cap.model, steps=steps, init_from=os.path.join(d("pretrain"), "checkpoints"), **world),
-                f"--workdir={d(name)}", "--config.eval_every=0"] + common + text_len, d(name), "captioner"))
+                f"--workdir={d(name)}", "--config.eval_every=0", f"--config.optim.lr={float(cap.finetune_lr)}"]
+            + common + text_len, d(name), "captioner"))
     rc = config.recaption
     stages.append(Stage(
         "recaption", f"stage 3: recaption {rc.n} train images with SSC and DSC",
