@@ -30,7 +30,9 @@ setup(
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+        # nbclient / nbformat / ipykernel: tests/test_notebook.py executes notebooks/quickstart.ipynb
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3",
+                 "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
         "bench": ["matplotlib>=3.8,<4"],
     },
 )

@@ -193,7 +193,9 @@ class Progress:
         start_step: int = 0,
         clock=time.perf_counter,
         unit: str = "step",
+        enabled: bool = True,
     ):
+        self.enabled = bool(enabled)  # False: report nothing (e.g. on processes other than 0)
         self.total_steps = int(total_steps)
         self.unit = unit  # what a step counts ("image" for the recaptioner): "image 8/96 | 3.10 images/s"
         self.every = max(1, int(every))
@@ -218,7 +220,7 @@ class Progress:
     def update(self, step: int, metrics: Mapping[str, Any] | None = None, *, force: bool = False) -> str | None:
         """Reports at every `every`-th step, the last step, or when forced; returns the line."""
         step = int(step)
-        if not (force or step % self.every == 0 or step >= self.total_steps):
+        if not self.enabled or not (force or step % self.every == 0 or step >= self.total_steps):
             return None
         now = self._clock()
         rate = (step - self._last_step) / max(now - self._last_time, 1e-9)

@@ -1,4 +1,5 @@
-"""Process start-up shared by every launch script: compilation cache, logging, absl flags.
+"""Process start-up shared by every launch script: multi-process set-up (distributed.py),
+compilation cache, logging, absl flags.
 
 Call `init()` first thing in a `main`. It is idempotent and cheap.
 """
@@ -12,6 +13,8 @@ import jax
 from absl import flags
 from absl import logging as absl_logging
 
+from dalle3_jax import distributed
+
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dalle3_jax", "jax_cache")
 
 
@@ -23,15 +26,24 @@ class _ReadOnlyRestoreFilter(logging.Filter):
         return "Given directory is read only" not in record.getMessage()
 
 
-def init(*, compilation_cache: str | None = None, log_level: int = logging.INFO) -> None:
-    """Sets up JAX's persistent compilation cache and Python logging for a launch script.
+def init(*, compilation_cache: str | None = None, log_level: int = logging.INFO,
+         distributed_args: dict | None = None) -> None:
+    """Joins a multi-process job if there is one, then sets up JAX's persistent compilation cache
+    and Python logging for a launch script.
 
     Args:
       compilation_cache: directory of the persistent XLA cache; None uses $DALLE3_JAX_CACHE or
         ~/.cache/dalle3_jax/jax_cache; "" disables it. Reusing compiled programs saves most of
         the start-up time of small runs and of resumed runs.
-      log_level: Python logging level for the library's messages.
+      log_level: Python logging level for the library's messages (processes other than 0 log
+        warnings and errors only).
+      distributed_args: explicit `distributed.initialize` settings (e.g. from the launch
+        script's flags, `distributed.flag_values()`); None reads the environment only.
     """
+    # First: jax.distributed must start before anything touches a device.
+    setup = distributed.initialize(**(distributed_args or {}))
+    if setup.process_id != 0:
+        log_level = max(log_level, logging.WARNING)
     cache = os.environ.get("DALLE3_JAX_CACHE", DEFAULT_CACHE_DIR) if compilation_cache is None else compilation_cache
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
@@ -50,6 +62,8 @@ def init(*, compilation_cache: str | None = None, log_level: int = logging.INFO)
         ours.addHandler(handler)
     ours.setLevel(log_level)
     ours.propagate = False
+    if setup.num_processes > 1:
+        ours.info(distributed.describe(setup))
     # Grain's worker processes read absl flags; scripts run without absl.app never parse them.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

@@ -74,9 +74,45 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 
+# Named sharding strategies (`mesh.strategy`); each says which axis takes the devices left over.
+STRATEGIES = {
+    "dp": "pure data parallel: every device holds the whole model and a slice of the batch (data=-1; "
+          "fsdp and tensor must be 1)",
+    "fsdp": "fully sharded data parallel: parameters and optimizer state split over the devices (fsdp=-1; "
+            "data = the given size if > 0, e.g. the host count, else 1; tensor must be 1)",
+    "fsdp_tp": "FSDP + tensor parallel: heads, MLP units and vocabulary split over `tensor` devices "
+               "(the given size if > 1, else 2), FSDP over the rest (fsdp=-1; data as for fsdp)",
+}
+
+
+def apply_strategy(mesh_cfg: Mapping[str, Any]) -> dict[str, int]:
+    """Axis sizes of a mesh config with its `strategy` preset applied (see STRATEGIES); the
+    `strategy` and `num_devices` keys are dropped, an empty strategy keeps the sizes as given."""
+    cfg = dict(mesh_cfg)
+    cfg.pop("num_devices", None)
+    strategy = cfg.pop("strategy", "") or ""
+    if not strategy:
+        return cfg
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown mesh.strategy {strategy!r}; valid: {', '.join(STRATEGIES)}, "
+                         "or '' for the sizes as given.")
+    data, fsdp, tensor = (int(cfg.get(a, 1)) for a in MESH_AXES)
+    if strategy == "dp":
+        if fsdp != 1 or tensor != 1:
+            raise ValueError(f"mesh.strategy='dp' replicates the model: fsdp and tensor must be 1, got "
+                             f"fsdp={fsdp}, tensor={tensor}.")
+        return {**cfg, "data": -1, "fsdp": 1, "tensor": 1}
+    if strategy == "fsdp" and tensor != 1:
+        raise ValueError(f"mesh.strategy='fsdp' has no tensor parallelism: tensor must be 1, got {tensor} "
+                         "(use strategy='fsdp_tp').")
+    tensor = 1 if strategy == "fsdp" else (tensor if tensor > 1 else 2)
+    return {**cfg, "data": data if data > 0 else 1, "fsdp": -1, "tensor": tensor}
+
+
 def mesh_config() -> ml_collections.ConfigDict:
     """Default mesh config: all devices data parallel. Sizes multiply to the device count."""
     cfg = ml_collections.ConfigDict()
+    cfg.strategy = ""  # "" = the sizes below; or a preset: dp | fsdp | fsdp_tp (see STRATEGIES)
     cfg.data = -1  # pure data parallel replicas; -1 = whatever the other axes leave over
     cfg.fsdp = 1  # shard params + optimizer state (and the batch) this many ways
     cfg.tensor = 1  # split heads / MLP / vocab this many ways (keep within one host's fast links)
@@ -85,10 +121,14 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 
 def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds a ("data", "fsdp", "tensor") mesh; at most one axis may be -1 (fill)."""
+    """Builds a ("data", "fsdp", "tensor") mesh; at most one axis may be -1 (fill).
+
+    `mesh_cfg` holds the axis sizes, or a `strategy` preset (see STRATEGIES), and optionally
+    `num_devices` (use only the first N devices)."""
     mesh_cfg = dict(mesh_config() if mesh_cfg is None else mesh_cfg)
     devices = list(jax.devices() if devices is None else devices)
-    limit = int(mesh_cfg.pop("num_devices", 0) or 0)
+    limit = int(mesh_cfg.get("num_devices", 0) or 0)
+    mesh_cfg = apply_strategy(mesh_cfg)
     if limit:
         if limit > len(devices):
             raise ValueError(f"mesh.num_devices={limit} but only {len(devices)} devices are available")
@@ -334,6 +374,32 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree_util.tree_map_with_path(one, dict(local_batch))
+
+
+def replicated_to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global batch-sharded arrays from a batch that every process holds whole (evaluation sets,
+    prompts): each process places only its devices' rows. On one process this equals
+    `global_batch`; across processes, `global_batch` would instead concatenate the copies."""
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+    return {k: one(v) for k, v in dict(batch).items()}
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of a tree of jax.Arrays, whole on every process: arrays that span other
+    processes' devices are all-gathered (every process must call this together)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def _local_batch_shards(mesh: Mesh) -> int:

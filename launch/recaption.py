@@ -19,17 +19,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dalle3_jax import configlib, runtime  # noqa: E402
+from dalle3_jax import configlib, distributed, runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recaption config (configs/recaption.py[:variant]).",
                                           lock_config=True)
 flags.mark_flags_as_required(["config"])
+distributed.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.init()
+    runtime.init(distributed_args=distributed.flag_values())
     from dalle3_jax.recaption import job, writer
 
     try:

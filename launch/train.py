@@ -16,13 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dalle3_jax import configlib, runtime, trainers  # noqa: E402
+from dalle3_jax import configlib, distributed, runtime, trainers  # noqa: E402
 from dalle3_jax.trainers import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default workdirs/<config file name>.")
 flags.mark_flags_as_required(["config"])
+distributed.define_flags()
 
 
 def default_workdir(config_path: str) -> str:
@@ -34,12 +35,13 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.init()
+    runtime.init(distributed_args=distributed.flag_values())
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     task = trainers.build_task(config, workdir)
     result = loop.train_and_evaluate(config, workdir, task)
-    print({k: v for k, v in result.items()}, flush=True)
+    if distributed.is_primary():
+        print({k: v for k, v in result.items()}, flush=True)
 
 
 if __name__ == "__main__":

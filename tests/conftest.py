@@ -34,3 +34,42 @@ if not flags.FLAGS.is_parsed():
 def n_devices():
     """The number of (virtual) devices tests run on."""
     return jax.device_count()
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_run(tmp_path_factory):
+    """A tiny T2I run (configs/t2i.py:tiny) of 6 steps on all 8 devices (data=8), logging every
+    step, with its end-of-run evaluation; checkpoints at 4 and 6 are kept. Shared by the T2I and
+    the evaluation tests (copy it before writing into it). Returns (workdir, result)."""
+    from dalle3_jax import configlib, trainers
+    from dalle3_jax.trainers import loop
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = str(tmp_path_factory.mktemp("t2i"))
+    config = configlib.load_config_file(os.path.join(root, "configs", "t2i.py:tiny"))
+    # Orbax writes each of the ~600 state arrays separately (seconds per save): save only the
+    # step-4 checkpoint that the resume test restarts from, and the last one.
+    config.total_steps, config.log_every, config.checkpoint_every = 6, 1, 4
+    assert config.mesh.data == -1 and config.mesh.fsdp == 1  # 8 devices, data parallel
+    result = loop.train_and_evaluate(config, workdir, trainers.build_task(config, workdir))
+    return workdir, result
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory):
+    """The whole tiny recipe (`launch/pipeline.py --config=configs/pipeline.py:tiny --json`) run once
+    in a subprocess: (workdir, its stdout). Shared by the pipeline and the notebook tests; later
+    runs of the same command there skip every finished stage."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path_factory.mktemp("pipeline")
+    env = dict(os.environ)
+    # Children compile the same tiny programs as the tests: share the tests' compilation cache.
+    env["DALLE3_JAX_CACHE"] = _CACHE_DIR
+    cmd = [sys.executable, os.path.join(root, "launch", "pipeline.py"), "--config=configs/pipeline.py:tiny",
+           f"--workdir={workdir}", "--json", "--quiet"]
+    first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    return workdir, first.stdout

@@ -10,6 +10,8 @@ from dalle3_jax import configlib, metrics, trainers
 from dalle3_jax.evals import captions as caption_evals
 from dalle3_jax.trainers import loop
 
+import strategy_helpers as strategies
+
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -17,8 +19,11 @@ def _config(name, variant="tiny"):
     return configlib.load_config_file(os.path.join(CONFIGS, f"{name}.py:{variant}"))
 
 
-def _train(config, workdir):
-    return loop.train_and_evaluate(config, workdir, trainers.build_task(config, workdir))
+def _train(config, workdir, evaluate=True):
+    task = trainers.build_task(config, workdir)
+    if not evaluate:
+        task.evaluate = None  # the loss alone: no eval programs to compile
+    return loop.train_and_evaluate(config, workdir, task)
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +80,26 @@ def test_finetune_starts_from_pretrain_and_cli_matches(pretrained, tmp_path):
     assert first(fresh_dir) != pytest.approx(first(workdir), rel=1e-3)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1), dict(data=2, fsdp=4)])
-def test_sharded_steps_match_single_device(tmp_path, mesh):
-    def losses(mesh_cfg, name):
-        config = _config("captioner_pretrain")
-        config.total_steps = 3
-        config.log_every = 1
-        config.checkpoint_every = 100
-        config.mesh.update(mesh_cfg)
-        workdir = str(tmp_path / name)
-        _train(config, workdir)
-        return [r["values"]["train/loss"] for r in metrics.read_jsonl(workdir) if "train/loss" in r["values"]]
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    return _strategy_run(str(tmp_path_factory.mktemp("single")), strategies.SINGLE_DEVICE)
 
-    single = losses(dict(data=1, fsdp=1, tensor=1, num_devices=1), "single")
-    sharded = losses(dict(mesh, tensor=1, num_devices=0), "sharded")
+
+def _strategy_run(workdir, mesh_cfg):
+    """Losses of 3 tiny pretraining steps on `mesh_cfg`, and the compiled step's memory line."""
+    config = _config("captioner_pretrain")
+    config.total_steps, config.log_every, config.checkpoint_every = 3, 1, 100
+    config.mesh.update(mesh_cfg)
+    with strategies.LogLines("dalle3_jax.trainers.loop") as lines:
+        _train(config, workdir, evaluate=False)
+    memory = [line for line in lines if "train step compiled" in line]
+    return [r["values"]["train/loss"] for r in metrics.read_jsonl(workdir) if "train/loss" in r["values"]], memory
+
+
+@pytest.mark.parametrize("strategy", list(strategies.STRATEGY_MESHES))
+def test_sharding_strategies_match_single_device(tmp_path, single_device_run, strategy):
+    sharded, memory = _strategy_run(str(tmp_path / "sharded"), strategies.STRATEGY_MESHES[strategy])
+    single, single_memory = single_device_run
     assert len(single) == len(sharded) == 3
     np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
+    strategies.check_memory(strategy, memory, single_memory)

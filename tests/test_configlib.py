@@ -30,3 +30,17 @@ def test_result_is_locked():
     arg = parse_arg(None, tiny=False)
     with pytest.raises(AttributeError):
         arg.tinny = True
+
+
+def test_override_of_a_missing_key_names_it():
+    # What launch/train.py checks before absl parses --config.x=y (absl's own error is a bare KeyError).
+    import os
+
+    from dalle3_jax.configlib import check_overrides
+
+    spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "t2i.py:tiny")
+    check_overrides(["train.py", f"--config={spec}", "--config.optim.lr=0.1", "--config.mesh.strategy=fsdp"])
+    with pytest.raises(SystemExit, match=r"--config.optim.lrr: config.optim has no key 'lrr'. Valid keys: .*\blr\b"):
+        check_overrides(["train.py", f"--config={spec}", "--config.optim.lrr=0.1"])
+    with pytest.raises(SystemExit, match=r"config.total_steps has no key 'x'.*not a config block"):
+        check_overrides(["train.py", f"--config={spec}", "--config.total_steps.x=1"])

@@ -108,11 +108,16 @@ def test_process_shards_are_disjoint_and_cover_the_data(tok):
     assert len(seen[0]) == len(seen[1]) == 34
     assert not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == set(range(68))
-    # 69 records: the odd one out is never read, and later epochs repeat the same shard.
-    for p in range(2):
-        idx = indices(list(loader(StubSource(69), tok, process_index=p, process_count=2, num_epochs=3,
-                                  drop_remainder=False)))
-        assert sorted(idx) == sorted(list(range(p, 68, 2)) * 3)
+    # 69 records, 3 epochs: the processes split one global stream in which each epoch is a fresh
+    # permutation of all records; 12 whole global batches, then the last 15 positions split 7 + 7.
+    def stream(p, count):
+        return indices(list(loader(StubSource(69), tok, global_batch_size=16, process_index=p, process_count=count,
+                                   num_epochs=3, drop_remainder=False))).tolist()
+
+    halves = [stream(p, 2) for p in range(2)]
+    assert len(halves[0]) == len(halves[1]) == 12 * 8 + 7
+    merged = [i for k in range(12) for half in halves for i in half[8 * k:8 * k + 8]]
+    assert merged + halves[0][96:] + halves[1][96:] == stream(0, 1)[:206]
     with pytest.raises(ValueError, match="divisible"):
         loader(src, tok, global_batch_size=9, process_count=2)
 

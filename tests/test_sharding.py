@@ -69,6 +69,24 @@ def test_mesh_fill_other_axis():
     assert one.devices.size == 1
 
 
+def test_strategy_presets():
+    def shape(**cfg):
+        return dict(sharding.make_mesh(dict(sharding.mesh_config(), **cfg)).shape)
+
+    assert shape(strategy="dp") == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert shape(strategy="fsdp") == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert shape(strategy="fsdp", data=2) == {"data": 2, "fsdp": 4, "tensor": 1}  # e.g. 2 hosts x FSDP
+    assert shape(strategy="fsdp_tp") == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert shape(strategy="fsdp_tp", tensor=4) == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert shape(strategy="fsdp_tp", data=2, num_devices=4) == {"data": 2, "fsdp": 1, "tensor": 2}
+    with pytest.raises(ValueError, match="strategy='dp' replicates the model: fsdp and tensor must be 1"):
+        shape(strategy="dp", tensor=2)
+    with pytest.raises(ValueError, match="use strategy='fsdp_tp'"):
+        shape(strategy="fsdp", tensor=2)
+    with pytest.raises(ValueError, match="Unknown mesh.strategy 'zero3'; valid: dp, fsdp, fsdp_tp"):
+        shape(strategy="zero3")
+
+
 @pytest.mark.parametrize(
     "cfg, match",
     [

@@ -17,6 +17,8 @@ from dalle3_jax.data.world import Group, Scene, WorldConfig, WorldSource, render
 from dalle3_jax.evals import prompt_following
 from dalle3_jax.trainers import loop
 
+import strategy_helpers as strategies
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 
@@ -101,44 +103,40 @@ def test_config_variants_and_errors():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny run of 6 steps on all 8 devices (data=8), logging every step, with its end-of-run
-    evaluation; checkpoints at 4 and 6 are kept. Its losses are also the data=8 case of the
+def run_dir(tiny_t2i_run):
+    """conftest's tiny run: 6 steps on all 8 devices (data=8), logging every step, with its
+    end-of-run evaluation; checkpoints at 4 and 6. Its losses are also the data=8 case of the
     sharding test."""
-    workdir = str(tmp_path_factory.mktemp("t2i"))
+    return tiny_t2i_run
+
+
+def _three_steps(workdir, mesh_cfg):
+    """Losses of 3 tiny steps on `mesh_cfg`, and the loop's "train step compiled ...; per device" line."""
     config = _config()
-    # Orbax writes each of the ~600 state arrays separately (seconds per save): save only the
-    # step-4 checkpoint that the resume test restarts from, and the last one.
-    config.total_steps, config.log_every, config.checkpoint_every = 6, 1, 4
-    assert config.mesh.data == -1 and config.mesh.fsdp == 1  # 8 devices, data parallel
-    result = _train(config, workdir)
-    return workdir, result
+    config.total_steps, config.log_every, config.checkpoint_every = 3, 1, 100
+    config.mesh.update(mesh_cfg)
+    with strategies.LogLines("dalle3_jax.trainers.loop") as lines:
+        _train(config, workdir, evaluate=False)
+    return [v for _, v in sorted(_losses(workdir).items())], [line for line in lines if "train step compiled" in line]
 
 
 @pytest.fixture(scope="module")
-def single_device_losses(tmp_path_factory):
-    config = _config()
-    config.total_steps, config.log_every, config.checkpoint_every = 3, 1, 100
-    config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
-    workdir = str(tmp_path_factory.mktemp("single"))
-    _train(config, workdir, evaluate=False)
-    return [v for _, v in sorted(_losses(workdir).items())]
+def single_device_run(tmp_path_factory):
+    return _three_steps(str(tmp_path_factory.mktemp("single")), strategies.SINGLE_DEVICE)
 
 
-@pytest.mark.parametrize("mesh", ["data=8", "data=2,fsdp=4"])
-def test_sharded_steps_match_single_device(run_dir, single_device_losses, tmp_path, mesh):
-    # The schedule is constant after one warm-up step, so the 4-step run's first 3 steps are
-    # the same optimisation as a 3-step run's.
-    if mesh == "data=8":
+@pytest.mark.parametrize("strategy", list(strategies.STRATEGY_MESHES))
+def test_sharding_strategies_match_single_device(run_dir, single_device_run, tmp_path, strategy):
+    single, single_memory = single_device_run
+    if strategy == "dp":
+        # run_dir is the dp strategy (mesh.data=-1). The schedule is constant after one warm-up
+        # step, so its first 3 steps are the same optimisation as a 3-step run's.
         sharded = [v for s, v in sorted(_losses(run_dir[0]).items()) if s <= 3]
     else:
-        config = _config()
-        config.total_steps, config.log_every, config.checkpoint_every = 3, 1, 100
-        config.mesh.update(data=2, fsdp=4, tensor=1, num_devices=0)
-        _train(config, str(tmp_path / "fsdp"), evaluate=False)
-        sharded = [v for _, v in sorted(_losses(str(tmp_path / "fsdp")).items())]
-    assert len(single_device_losses) == len(sharded) == 3
-    np.testing.assert_allclose(sharded, single_device_losses, rtol=0, atol=1e-5)
+        sharded, memory = _three_steps(str(tmp_path / strategy), strategies.STRATEGY_MESHES[strategy])
+        strategies.check_memory(strategy, memory, single_memory)
+    assert len(single) == len(sharded) == 3
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
 
 
 def test_run_logs_evals_and_sample_grids(run_dir):

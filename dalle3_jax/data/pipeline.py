@@ -5,9 +5,10 @@ the recaptioner read data through `make_loader`. Its stages, per process:
 
     MapDataset.source(source)            any random-access source of records (see below)
       .map_with_index(prepare)           lazy: decode + resize the image, pick the caption
-      [shard]                            process p of P takes rows p, p+P, ... (equal shards)
-      .shuffle(seed)                     a global permutation of this process's shard
+      .shuffle(seed)                     one global permutation, the same in every process
       .repeat(num_epochs)                reshuffled every epoch; None = forever
+      [shard]                            process p of P takes block p of every P blocks of B
+                                         (its slice of each global batch; see _GlobalBatchSlice)
       .to_iter_dataset(ReadOptions)      threaded reads in source order of the permutation
       skip bad images                    counted in the batch, logged, never silent
       .batch(per-process batch)          stacks images, tokenises captions in one call
@@ -236,6 +237,46 @@ class _SkipBadIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
+class _GlobalBatchSlice(grain.MapDataset):
+    """Process `shard`'s rows of every global batch: element i is parent element
+    (i // block) * block * num_shards + shard * block + i % block.
+
+    Shuffling happens before this, over the whole source, so global batch k holds the same
+    examples for any process count (a run gives the same losses on 1 or N processes) and the
+    processes' rows are disjoint. A final partial global batch (finite epochs) is split evenly.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, block: int, shard: int, num_shards: int):
+        super().__init__(parent)
+        self._block, self._shard, self._num_shards = block, shard, num_shards
+        self._full, rest = divmod(len(parent), block * num_shards)
+        self._tail = rest // num_shards
+
+    def __len__(self) -> int:
+        return self._full * self._block + self._tail
+
+    def _parent_index(self, index: int) -> int:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} elements")
+        group, within = divmod(index, self._block)
+        if group < self._full:
+            return (group * self._num_shards + self._shard) * self._block + within
+        return self._full * self._block * self._num_shards + self._shard * self._tail + within
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def _getitems(self, indices: Sequence[int]):
+        return self._parent._getitems([self._parent_index(i) for i in indices])
+
+    def __str__(self) -> str:
+        return f"GlobalBatchSlice(block={self._block}, shard={self._shard}/{self._num_shards})"
+
+
 # ----------------------------------------------------------------------------------------------
 # The loader
 
@@ -281,8 +322,10 @@ def make_loader(
       worker_buffer_size: batches each worker keeps ready.
       read_threads: threads per process that read and prepare records.
       process_index, process_count: this process's data shard; default jax.process_index()
-        and jax.process_count(). Each process reads an equal share; the last
-        len(source) % process_count records are never read so shards stay equal in size.
+        and jax.process_count(). Global batch k is the same examples in the same order for any
+        process count; process p reads only its rows [p*B, (p+1)*B) of it, so processes read
+        disjoint examples. (With finite num_epochs, a last partial global batch is split evenly
+        and its len % process_count leftover records are not read.)
       drop_remainder: drop a final partial batch (only happens with finite num_epochs).
       on_bad_image: "skip" or "raise"; see the module docstring.
       max_consecutive_bad: raise once this many bad records come in a row.
@@ -318,12 +361,12 @@ def make_loader(
 
     ds = grain.MapDataset.source(source)
     ds = ds.map_with_index(_Prepare(n, image_size, caption_field, on_bad_image, keep_text))
-    # Strided shards spread each region of the source over all processes.
-    ds = ds[process_index : shard_len * process_count : process_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
+    if process_count > 1:
+        ds = _GlobalBatchSlice(ds, batch_size, process_index, process_count)
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(read_threads, min(2 * batch_size, 512)))
     it = ds.to_iter_dataset(read)
     it = _SkipBadIterDataset(it, max_consecutive_bad)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dalle3_jax import sharding
 from dalle3_jax.diffusion import losses
 from dalle3_jax.diffusion.schedules import Schedule
 
@@ -162,5 +163,5 @@ def generate(model: nnx.Module, tokens, rng: jax.Array, schedule: Schedule, *, n
 
 def to_uint8(images: jax.Array) -> np.ndarray:
     """Model-space images in [-1, 1] [B, H, W, C] -> uint8 [B, H, W, C] (clipped)."""
-    x = np.asarray(jax.device_get(images), np.float32)
+    x = np.asarray(sharding.to_host(images), np.float32)  # whole on every process
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

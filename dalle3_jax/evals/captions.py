@@ -123,15 +123,16 @@ class CaptionEvaluator:
         n = len(d.captions)
         losses, img_emb, txt_emb, generated = [], [], [], []
         for start, end in _batches(n, bs):
-            batch = sharding.global_batch(
+            batch = sharding.replicated_to_global(
                 {"image": _pad_to(d.image[start:end], bs), "tokens": _pad_to(d.tokens[start:end], bs)}, self.mesh)
             loss, ie, te = loss_and_embed(state, batch["image"], batch["tokens"])
             tokens = decode.generate(model, batch["image"], **self.decode_settings)
             k = end - start
             losses.append((float(loss), k))
-            img_emb.append(np.asarray(ie)[:k])
-            txt_emb.append(np.asarray(te)[:k])
-            generated.extend(self.tokenize.decode(np.asarray(tokens)[:k]))
+            ie, te, tokens = sharding.to_host((ie, te, tokens))  # whole on every process
+            img_emb.append(ie[:k])
+            txt_emb.append(te[:k])
+            generated.extend(self.tokenize.decode(tokens[:k]))
         scalars = {"val_loss": sum(l * k for l, k in losses) / n, "n_examples": n}
         scalars.update(retrieval_recall_at_1(np.concatenate(img_emb), np.concatenate(txt_emb)))
         if d.scenes is not None:

@@ -94,6 +94,7 @@ def loop_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # newest checkpoints kept on disk
     c.seed = 0  # model init and per-step randomness (dropout, sampling, noise)
     c.init_from = ""  # "DIR" or "DIR:STEP" of another run whose params start this one
+    c.record_examples = False  # log each step's example indices to DIR/examples/ (exactly-once audits)
     c.mesh = sharding.mesh_config()
     c.optim = optim.default_config()
     return c
@@ -188,12 +189,50 @@ def _memory_text(compiled) -> str:
             f"code {mib(m.generated_code_size_in_bytes):.1f} MiB")
 
 
-def _host_batches(loader_iter: Iterator, mesh, keys: tuple[str, ...], counters: dict) -> Iterator[dict]:
+def _host_batches(loader_iter: Iterator, mesh, keys: tuple[str, ...], counters: dict,
+                  examples: ExampleLog | None = None) -> Iterator[dict]:
     for host in loader_iter:
         skipped = host.get("skipped")
         if skipped is not None and int(np.sum(skipped)):
             counters["skipped_records"] += int(np.sum(skipped))
+        if examples is not None:
+            examples.add(host)
         yield sharding.global_batch({k: host[k] for k in keys}, mesh)
+
+
+class ExampleLog:
+    """Appends, per training step, the source indices of the examples this process fed to it:
+    DIR/examples/process_P.jsonl, one {"step", "index"} row per step, on disk as soon as written
+    (so a killed run's log is complete). A resumed run appends the steps it redoes again;
+    `read_examples` keeps the last row of each step."""
+
+    def __init__(self, workdir: str, start_step: int):
+        os.makedirs(os.path.join(workdir, "examples"), exist_ok=True)
+        path = os.path.join(workdir, "examples", f"process_{jax.process_index()}.jsonl")
+        self._file = open(path, "a", encoding="utf-8", buffering=1)
+        self._step = int(start_step)
+
+    def add(self, host_batch: Mapping[str, Any]) -> None:
+        if "index" not in host_batch:
+            raise KeyError("record_examples needs an `index` entry in the host batches (see data/pipeline.py)")
+        self._step += 1
+        index = [int(i) for i in np.asarray(host_batch["index"]).reshape(-1)]
+        self._file.write(json.dumps({"step": self._step, "index": index}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_examples(workdir: str) -> dict[int, dict[int, list[int]]]:
+    """{process: {step: example indices}} from a run's example logs (the last row per step)."""
+    out: dict[int, dict[int, list[int]]] = {}
+    directory = os.path.join(workdir, "examples")
+    for name in sorted(os.listdir(directory)):
+        process = int(name.removeprefix("process_").removesuffix(".jsonl"))
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        out[process] = {r["step"]: r["index"] for r in rows}
+    return out
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -251,14 +290,16 @@ def _run(config, task: Task, ctor, mesh, ckpt, writer, stop: _StopRequest) -> tu
     log.info("starting at step %d of %d (%s)", step, total, source)
     if step >= total:
         log.info("run already complete at step %d of %d; nothing to do", step, total)
-        print(f"run already complete at step {step} of {total}; nothing to do", flush=True)
+        if jax.process_index() == 0:
+            print(f"run already complete at step {step} of {total}; nothing to do", flush=True)
         return step, {}
     counters = {"skipped_records": 0}
     progress = metrics_lib.Progress(total, config.log_every, examples_per_step=task.examples_per_step,
-                                    start_step=step)
+                                    start_step=step, enabled=jax.process_index() == 0)
+    examples = ExampleLog(writer.workdir, step) if config.get("record_examples", False) else None
     compiled, pending, state, last_eval = None, [], None, {}
     t_start = time.perf_counter()
-    for batch in _host_batches(loader_iter, mesh, task.batch_keys, counters):
+    for batch in _host_batches(loader_iter, mesh, task.batch_keys, counters, examples):
         rng = jax.random.fold_in(rng_root, step)
         if compiled is None:
             _, compiled, memory = compile_train_step(task, ts, batch, rng)
@@ -292,6 +333,8 @@ def _run(config, task: Task, ctor, mesh, ckpt, writer, stop: _StopRequest) -> tu
     if state is not None:
         nnx.update(ts, state)
     progress.close()
+    if examples is not None:
+        examples.close()
     if stop.signal is not None and step < total:
         log.warning("stopped by signal at step %d; rerun the same command to resume", step)
     return step, last_eval

@@ -155,7 +155,7 @@ def sample_captions(model: nnx.Module, config: ml_collections.ConfigDict, tokeni
     out = []
     for i, start in enumerate(range(0, len(captions), bs)):
         chunk = tokens[start:start + bs]
-        batch = sharding.global_batch({"tokens": _pad_rows(chunk, bs)}, mesh)
+        batch = sharding.replicated_to_global({"tokens": _pad_rows(chunk, bs)}, mesh)
         images = samplers.generate(model, batch["tokens"], jax.random.fold_in(jax.random.key(seed), i), schedule,
                                    null_tokens=null, prediction=config.diffusion.prediction, **settings)
         out.append(samplers.to_uint8(images)[:len(chunk)])
@@ -216,8 +216,8 @@ class Evaluator:
         losses_ = []
         for i, start in enumerate(range(0, len(images), bs)):
             # (A set smaller than one batch is padded by repeating its last example.)
-            batch = sharding.global_batch({"image": _pad_rows(images[start:start + bs], bs),
-                                           "tokens": _pad_rows(tokens[start:start + bs], bs)}, self.mesh)
+            batch = sharding.replicated_to_global({"image": _pad_rows(images[start:start + bs], bs),
+                                                   "tokens": _pad_rows(tokens[start:start + bs], bs)}, self.mesh)
             # Fixed noise and timesteps per batch: successive evals differ only by the weights.
             losses_.append(float(self._val_step(nnx.state(model), batch["image"], batch["tokens"],
                                                 jax.random.key(1000 + i))))
