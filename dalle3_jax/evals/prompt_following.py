@@ -45,6 +45,7 @@ class PromptSet:
     captions: list[str]
     scenes: list[Any]  # world.Scene
     single_object: bool
+    short: list[str] | None = None  # the same scenes' ground-truth short captions ("a red circle")
 
 
 def load_prompts(config: ml_collections.ConfigDict, n: int, *, single_object: bool, split: str = "eval") -> PromptSet:
@@ -58,7 +59,8 @@ def load_prompts(config: ml_collections.ConfigDict, n: int, *, single_object: bo
     n = min(int(n), len(src))
     examples = [src[i] for i in range(n)]
     return PromptSet([ex["captions"]["descriptive"] for ex in examples],
-                     [world.Scene.from_json(ex["scene"]) for ex in examples], single_object)
+                     [world.Scene.from_json(ex["scene"]) for ex in examples], single_object,
+                     short=[ex["captions"]["short"] for ex in examples])
 
 
 def match_groups(truth, parsed) -> list:
@@ -124,20 +126,26 @@ def score_images(images: np.ndarray, scenes: list[Any]) -> dict[str, float]:
     return out
 
 
-def score_model(model, config: ml_collections.ConfigDict, tokenize, mesh, prompts: PromptSet, *, k: int = 1,
-                seed: int = 0, **sampler: Any) -> dict[str, float]:
-    """Generates k images per prompt with `model` (sampler settings: config.sample, overridden
-    by `sampler`) and scores them."""
+def generate_images(model, config: ml_collections.ConfigDict, tokenize, mesh, prompts: list[str], *, k: int = 1,
+                    seed: int = 0, **sampler: Any) -> np.ndarray:
+    """k images per prompt, uint8 [len(prompts) * k, H, W, 3] (image i is for prompts[i // k]),
+    sampled with `model` (sampler settings: config.sample, overridden by `sampler`)."""
     from dalle3_jax.trainers import t2i
 
-    captions = [c for c in prompts.captions for _ in range(k)]
-    scenes = [s for s in prompts.scenes for _ in range(k)]
+    captions = [c for c in prompts for _ in range(k)]
     lengths = tokenize.encode_batch(captions, 512)[1] if captions else np.zeros(0)
     # Multi-object prompts run longer than a one-object model's training length; the encoder's
     # relative positions and the token bag take any length, so no prompt is cut short.
     length = max(int(config.input.max_text_len), int(np.max(lengths, initial=0)))
-    images = t2i.sample_captions(model, config, tokenize, captions, mesh, seed=seed, max_text_len=length, **sampler)
-    return score_images(images, scenes)
+    return t2i.sample_captions(model, config, tokenize, captions, mesh, seed=seed, max_text_len=length, **sampler)
+
+
+def score_model(model, config: ml_collections.ConfigDict, tokenize, mesh, prompts: PromptSet, *, k: int = 1,
+                seed: int = 0, **sampler: Any) -> dict[str, float]:
+    """Generates k images per prompt with `model` (sampler settings: config.sample, overridden
+    by `sampler`) and scores them."""
+    images = generate_images(model, config, tokenize, mesh, prompts.captions, k=k, seed=seed, **sampler)
+    return score_images(images, [s for s in prompts.scenes for _ in range(k)])
 
 
 def evaluate_workdir(workdir: str, *, n_single: int = 200, n_multi: int = 100, k: int = 1, seed: int = 0,
