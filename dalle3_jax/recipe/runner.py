@@ -92,7 +92,7 @@ class Runner:
         log_path = os.path.join(self.log_dir, f"{stage.name}.log")
         t0 = time.time()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "a", encoding="utf-8") as log:
+        with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # line-buffered: tail -f works
             log.write(f"\n$ {' '.join(stage.argv)}\n")
             log.flush()
             proc = subprocess.Popen(stage.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
