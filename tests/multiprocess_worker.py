@@ -21,6 +21,9 @@ from dalle3_jax.trainers import loop  # noqa: E402
 
 # The runs the test compares: 6 tiny steps, a loss row per step; T2I as conftest's tiny_t2i_run.
 CONFIGS = {"captioner": "captioner_pretrain.py:tiny", "t2i": "t2i.py:tiny"}
+# Across the 2 processes the T2I model is sharded FSDP (its parameters split over both hosts'
+# devices); tests/test_t2i.py covers the other strategies on one process.
+STRATEGY = {"captioner": "dp", "t2i": "fsdp"}
 
 
 def config_for(name: str):
@@ -34,6 +37,7 @@ def main(outdir: str) -> None:
     for name in CONFIGS:
         config = config_for(name)
         config.record_examples = True
+        config.mesh.strategy = STRATEGY[name]
         workdir = os.path.join(outdir, name)
         task = trainers.build_task(config, workdir)
         if name == "t2i":

@@ -5,6 +5,7 @@ The subprocesses share the tests' compilation cache and XLA flags, so after the 
 they load compiled programs instead of compiling them.
 """
 
+import concurrent.futures
 import json
 import os
 import random
@@ -158,11 +159,13 @@ def test_two_processes_match_one(tmp_path, references):
     for name, (reference, config) in references.items():
         workdir = str(tmp_path / name)
         # The same global batches on 4 + 4 devices in two processes as on 8 in one: the same
-        # losses (to the last bits: cross-process all-reduces may sum in another order).
+        # losses, up to the order of float32 sums (cross-process all-reduces; for T2I also FSDP
+        # across the processes against the one-process data-parallel reference).
         steps, losses = zip(*_rows(workdir))
         ref_steps, ref_losses = zip(*_rows(reference))
         assert steps == ref_steps == tuple(range(1, STEPS + 1)), name
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6, atol=0, err_msg=name)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6 if name == "captioner" else 0,
+                                   atol=0 if name == "captioner" else 1e-5, err_msg=name)
         if name == "captioner":
             got_eval, want_eval = _last_eval(workdir), _last_eval(reference)
             assert got_eval.keys() == want_eval.keys()
@@ -177,6 +180,7 @@ def test_two_processes_match_one(tmp_path, references):
             assert seen[0][step] + seen[1][step] == expected[step], (name, step)
     # Process 0 alone logs and reports progress (and the compiled step's memory at start).
     assert re.search(r"train step compiled .*per device: arguments", outputs[0])
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in outputs[0]  # the T2I run's FSDP mesh
     assert "step 6/6" in outputs[0]
     assert "train step compiled" not in outputs[1] and "step 6/6" not in outputs[1]
 
@@ -215,11 +219,9 @@ def _kill_at(cmd, workdir, step, timeout=600):
     return out
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["captioner", "t2i"])
-def test_sigkill_at_a_random_step_then_rerun_is_exact(tmp_path, references, name):
-    reference, config = references[name]
-    workdir = str(tmp_path / "run")
+def _kill_then_rerun(name, workdir):
+    """Kills `name`'s training command at a random step after its first checkpoint, then reruns
+    it: (the step it was killed after, the step the rerun started from, rows logged before the kill)."""
     kill_step = random.Random().choice([3, 4, 5])
     cmd = _train_cmd(name, workdir)
     _kill_at(cmd, workdir, kill_step)
@@ -227,6 +229,24 @@ def test_sigkill_at_a_random_step_then_rerun_is_exact(tmp_path, references, name
     rerun = subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     start = int(re.search(r"starting at step (\d+) of 6 \((\w+)\)", rerun.stderr).group(1))
+    return kill_step, start, killed_rows
+
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory, references):
+    """Both trainers killed and rerun, side by side: each run is one mostly single-threaded
+    process, so the two chains share the 2 CPU cores: {name: (workdir, kill step, start, rows)}."""
+    root = tmp_path_factory.mktemp("killed")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(_kill_then_rerun, name, str(root / name)) for name in ("captioner", "t2i")}
+        return {name: (str(root / name), *f.result()) for name, f in futures.items()}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["captioner", "t2i"])
+def test_sigkill_at_a_random_step_then_rerun_is_exact(references, killed_runs, name):
+    reference, config = references[name]
+    workdir, kill_step, start, killed_rows = killed_runs[name]
     assert 2 <= start <= max(s for s, _ in killed_rows), (kill_step, start)
     # Every loss row, before the kill and after the restart (redone steps twice), equals the
     # uninterrupted run's at that step, bit for bit; so does the final evaluation.
