@@ -65,7 +65,7 @@ def get_config(arg=None):
     c.t2i = ml_collections.ConfigDict()
     c.t2i.model = "tiny" if variant == "tiny" else "S"  # UNet size (models/t2i.py variants)
     c.t2i.steps = {"tiny": 4, "quick": 300, "full": 2400}[variant]  # optimizer steps per model, batch 128
-    c.t2i.checkpoints = {"tiny": 2, "quick": 3, "full": 6}[variant]  # evenly spaced checkpoints evaluated
+    c.t2i.checkpoints = {"tiny": 1, "quick": 3, "full": 6}[variant]  # evenly spaced checkpoints evaluated
     if variant == "full":
         c.t2i.runs = _t2i_runs(("alt", "alt", 1.0), ("ssc95", "ssc", 0.95), ("dsc65", "dsc", 0.65),
                                ("dsc80", "dsc", 0.80), ("dsc90", "dsc", 0.90), ("dsc95", "dsc", 0.95))

@@ -34,7 +34,8 @@ from dalle3_jax.evals.t2i_eval import caption_quality, evaluate_t2i_run  # noqa:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", help="a T2I run directory (launch/train.py --config=configs/t2i.py)")
+    p.add_argument("--workdir", help="a T2I run directory (launch/train.py --config=configs/t2i.py), or several "
+                   "separated by commas (one process: compiled sampling and the CLIP are reused)")
     p.add_argument("--clip_workdir", help="the evaluation CLIP run (launch/train.py --config=configs/eval_clip.py)")
     p.add_argument("--clip_step", type=int, default=None, help="the CLIP's checkpoint step (default: latest)")
     p.add_argument("--steps", default="all", help="checkpoints to evaluate: all | latest | N,M,... (default all)")
@@ -78,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {}
     if args.workdir:
         sampler = dict(sampler=args.sampler, sampler_steps=args.sampler_steps, guidance=args.guidance, eta=args.eta)
-        out = evaluate_t2i_run(args.workdir, args.clip_workdir, steps=args.steps, n_prompts=args.n_prompts, k=args.k,
-                               seed=args.seed, ema=not args.no_ema, clip_step=args.clip_step,
-                               **{k: v for k, v in sampler.items() if v is not None})
+        runs = [w for w in args.workdir.split(",") if w]
+        results = {w: evaluate_t2i_run(w, args.clip_workdir, steps=args.steps, n_prompts=args.n_prompts, k=args.k,
+                                       seed=args.seed, ema=not args.no_ema, clip_step=args.clip_step,
+                                       **{k: v for k, v in sampler.items() if v is not None}) for w in runs}
+        out = results[runs[0]] if len(runs) == 1 else {"runs": results}
     if args.captioners:
         quality = caption_quality(args.captioners, n=args.caption_n)
         if args.out:
@@ -97,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_human(out: dict, t2i: bool) -> None:
     quality = out.get("caption_quality", out if not t2i else {})
-    if t2i:
+    for run in (out["runs"].values() if "runs" in out else [out]) if t2i else []:
         keys = ("clip_score_gt", "clip_score_descriptive", "mean_fact_accuracy", "all_facts_correct",
                 "shape", "colour", "count", "size", "place")
+        print(run.get("workdir", ""))
         print("step     " + " ".join(f"{k[:22]:>22s}" for k in keys))
-        rows = [("ref", out.get("reference") or {})] + list(out["steps"].items())
+        rows = [("ref", run.get("reference") or {})] + list(run["steps"].items())
         for step, m in rows:
             print(f"{step:8s} " + " ".join(f"{m.get(k, float('nan')):22.3f}" for k in keys))
     if quality:

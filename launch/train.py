@@ -42,6 +42,10 @@ def main(argv):
     result = loop.train_and_evaluate(config, workdir, task)
     if distributed.is_primary():
         print({k: v for k, v in result.items()}, flush=True)
+    if result["step"] < config.total_steps:
+        # Stopped by SIGTERM/SIGINT after checkpointing: a non-zero status (128 + SIGTERM, as a
+        # killed process reports) tells callers such as launch/pipeline.py the run is not finished.
+        sys.exit(143)
 
 
 if __name__ == "__main__":

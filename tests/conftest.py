@@ -68,6 +68,9 @@ def tiny_pipeline_run(tmp_path_factory):
     env = dict(os.environ)
     # Children compile the same tiny programs as the tests: share the tests' compilation cache.
     env["DALLE3_JAX_CACHE"] = _CACHE_DIR
+    # One CPU device: the pipeline's stages are plain single-host runs, and 8 virtual devices on 2
+    # cores make each of its ~10 processes compile and run several times slower.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     cmd = [sys.executable, os.path.join(root, "launch", "pipeline.py"), "--config=configs/pipeline.py:tiny",
            f"--workdir={workdir}", "--json", "--quiet"]
     first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)

@@ -9,9 +9,10 @@ launch/evaluate.py, launch/sample.py) with its own run directory under the pipel
   eval_clip     stage 5   the judge-split CLIP that scores every T2I model
   upsampler     stage 6   learned short -> descriptive prompt upsampler (SSC, DSC pairs)
   t2i_<name>    stage 4   one T2I model per `t2i.runs` entry, all on the recaptioned images
-  eval_<name>   stage 5   CLIP score and prompt following over that model's checkpoints
-  captions      stage 5   caption quality of alt text, SSC, DSC and the ground truths
-  samples       stage 6   the same prompts through every model (and upsampled), for the report
+  evaluate      stage 5   CLIP score and prompt following over every model's checkpoints, and
+                          caption quality of alt text, SSC, DSC and the ground truths
+(the report, written in the pipeline's own process, adds samples of every model for the same
+prompts and prompt following from upsampled short prompts)
 
 Running them one process each keeps a crash or a kill inside one stage, and each stage resumes
 from its own checkpoints or committed shards.
@@ -118,16 +119,15 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
     e = config.evaluate
     sampler = [f"--sampler={e.sampler}", f"--sampler_steps={int(e.sampler_steps)}", f"--guidance={float(e.guidance)}",
                f"--seed={int(config.seed)}"]
-    for name in t.runs:
-        stages.append(Stage(
-            f"eval_{name}", f"stage 5: CLIP score and prompt following of t2i_{name} over its checkpoints",
-            _script("evaluate.py") + [f"--workdir={d('t2i_' + name)}", f"--clip_workdir={d('eval_clip')}",
-                                      "--steps=all", f"--n_prompts={int(e.n_prompts)}", f"--k={int(e.k)}"] + sampler,
-            d(f"t2i_{name}"), "evaluation"))
+    # One process for every model and the captioners: the CLIP, the compiled sampler (the models
+    # share an architecture) and the eval scenes are loaded once.
     stages.append(Stage(
-        "captions", "stage 5: caption quality of alt text, SSC, DSC and the ground truths",
-        _script("evaluate.py") + [f"--captioners={d('ssc')},{d('dsc')}", f"--caption_n={int(e.caption_eval_n)}",
-                                  f"--out={os.path.join(d('report'), 'caption_quality.json')}"],
+        "evaluate", "stage 5: CLIP score and prompt following over every T2I checkpoint; caption quality",
+        _script("evaluate.py") + [
+            "--workdir=" + ",".join(d(f"t2i_{name}") for name in t.runs), f"--clip_workdir={d('eval_clip')}",
+            "--steps=all", f"--n_prompts={int(e.n_prompts)}", f"--k={int(e.k)}"] + sampler + [
+            f"--captioners={d('ssc')},{d('dsc')}", f"--caption_n={int(e.caption_eval_n)}",
+            f"--out={os.path.join(d('report'), 'caption_quality.json')}"],
         d("report"), "evaluation"))
     return stages
 
