@@ -130,12 +130,9 @@ class ClipScorer:
         from dalle3_jax import checkpoint
         from dalle3_jax.models import coca
 
-        path = os.path.join(clip_workdir, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: is {clip_workdir!r} an evaluation CLIP run directory "
-                                    f"(launch/train.py --config=configs/eval_clip.py)?")
-        with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        from dalle3_jax.trainers import loop
+
+        config = loop.load_run_config(clip_workdir)
         if config.get("model", {}).get("model") != "coca":
             raise ValueError(f"{clip_workdir!r} holds a {config.get('trainer')!r} run without a CoCa/CLIP model")
         mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))

@@ -159,8 +159,9 @@ def write_report(config: ml_collections.ConfigDict, workdir: str, stages: list, 
         figs["blend"] = plots.blend_ablation(dsc_runs + [(0.0, m) for m in alt], os.path.join(rdir, "blend.png"))
 
     # Side-by-side samples for the same held-out descriptive prompts.
-    with open(os.path.join(workdir, f"t2i_{names[0]}", "config.json")) as f:
-        cfg0 = ml_collections.ConfigDict(json.load(f))
+    from dalle3_jax.trainers import loop
+
+    cfg0 = loop.load_run_config(os.path.join(workdir, f"t2i_{names[0]}"), "t2i")
     grid_prompts = prompt_following.load_prompts(cfg0, int(config.evaluate.n_grid),
                                                  single_object=bool(config.world.single_object)).captions
     samples = _sample_models(config, workdir, names, grid_prompts)

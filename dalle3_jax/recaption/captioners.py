@@ -18,7 +18,6 @@ or re-sharded job writes the same captions.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zlib
 from typing import Any, Sequence
@@ -76,14 +75,9 @@ class CaptionerRef:
 
 
 def _read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a captioner run directory "
-                                f"(launch/train.py --workdir=...)?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if config.get("trainer") != "captioner":
-        raise ValueError(f"{workdir!r} is a {config.get('trainer')!r} run, not a captioner run")
+    from dalle3_jax.trainers import loop
+
+    config = loop.load_run_config(workdir, "captioner")
     return config
 
 

@@ -244,6 +244,19 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         json.dump(checkpoint_lib.config_to_json(config), f, indent=2, sort_keys=True)
 
 
+def load_run_config(workdir: str, trainer: str | None = None) -> ml_collections.ConfigDict:
+    """The config.json a run saved (see save_config); `trainer` checks which stage made it."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        kind = f"a {trainer} run directory" if trainer else "a run directory"
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} {kind} (launch/train.py --workdir=...)?")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if trainer is not None and config.get("trainer") != trainer:
+        raise ValueError(f"{workdir!r} is a {config.get('trainer')!r} run, not a {trainer} run")
+    return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, Any]:
     """Trains `task` as configured, writing checkpoints and metrics under `workdir`.
 

@@ -18,7 +18,6 @@ launch/sample.py and the prompt-following CLI.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -307,13 +306,7 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = True, mesh=No
     """
     from dalle3_jax import checkpoint
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a T2I run directory?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if config.get("trainer") != "t2i":
-        raise ValueError(f"{workdir!r} is a {config.get('trainer')!r} run, not a T2I run")
+    config = loop.load_run_config(workdir, "t2i")
     mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
     tokenize = tokenizer_lib.Tokenize(tokenizer_lib.load_tokenizer(config.tokenizer or None))
     prefix = "extra/model" if ema and config.ema.enabled else "model"

@@ -29,7 +29,6 @@ adds, and whether it describes a complete scene.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Sequence
@@ -104,14 +103,9 @@ class Upsampler:
         from dalle3_jax import checkpoint
         from dalle3_jax.trainers import upsampler as trainer
 
-        path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: is {workdir!r} an upsampler run directory "
-                                    "(launch/train.py --config=configs/upsampler.py --workdir=...)?")
-        with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-        if config.get("trainer") != "upsampler":
-            raise ValueError(f"{workdir!r} is a {config.get('trainer')!r} run, not an upsampler run")
+        from dalle3_jax.trainers import loop
+
+        config = loop.load_run_config(workdir, "upsampler")
         mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
         tokenize = tokenizer_lib.Tokenize(tokenizer_lib.load_tokenizer(config.tokenizer or None))
         # An abstract model is the restore target: the weights come from the checkpoint.
