@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "pyarrow>=14,<27",
     "matplotlib>=3.8,<4",  # the pipeline report's figures
+    "safetensors>=0.4,<1",  # pretrained weight import (numpy reader, no PyTorch at run time)
 ]
 
 setup(
@@ -33,7 +34,10 @@ setup(
     extras_require={
         # nbclient / nbformat / ipykernel: tests/test_notebook.py executes notebooks/quickstart.ipynb
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3",
-                 "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+                 "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8",
+                 # PyTorch CPU builds random reference models for the weight-import parity tests
+                 # (dalle3_jax/weights); never imported by the library itself.
+                 "torch==2.13.0", "diffusers>=0.35,<1"],
         "bench": [],
     },
 )
