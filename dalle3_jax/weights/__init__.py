@@ -1,0 +1,21 @@
+"""Pretrained weight import from Hugging Face checkpoint directories on local disk.
+
+`safetensors_io` is the one reader every importer uses (config.json, single-file or sharded
+safetensors, no PyTorch and no pickle at run time) and `assign`, which fills an nnx model's
+params by a mapping with shape checks and keeps their sharding. The importers:
+
+    dalle3_jax.weights.clip   load_clip(dir) -> (CLIP model, info); CLIP vision -> CoCa ViT
+"""
+
+from dalle3_jax.weights.safetensors_io import (  # noqa: F401
+    CheckpointError,
+    LazyTensors,
+    LoadReport,
+    assign,
+    load_config,
+    load_tensors,
+    open_tensors,
+    param_paths,
+    path_str,
+    weight_files,
+)
