@@ -30,6 +30,8 @@ _REGISTRY: dict[str, str] = {
     "unet": "dalle3_jax.models.unet",  # the T2I denoiser
     "t2i": "dalle3_jax.models.t2i",  # text encoder + token bag + UNet, as trained by trainers/t2i.py
     "upsampler": "dalle3_jax.models.upsampler",  # prompt upsampler: T5 encoder + causal decoder
+    "clip": "dalle3_jax.models.clip",  # HF CLIPModel layout: pretrained evaluation CLIP / CoCa init
+    "autoencoder_kl": "dalle3_jax.models.autoencoder_kl",  # latent-diffusion VAE (diffusers AutoencoderKL layout)
 }
 
 
