@@ -13,6 +13,7 @@ TRAINERS = {
     "t2i": "dalle3_jax.trainers.t2i",
     "upsampler": "dalle3_jax.trainers.upsampler",  # the learned prompt upsampler (configs/upsampler.py)
     "clip": "dalle3_jax.trainers.clip",  # the evaluation CLIP (configs/eval_clip.py)
+    "autoencoder": "dalle3_jax.trainers.autoencoder",  # latent-diffusion VAE from scratch (configs/autoencoder.py)
 }
 
 
