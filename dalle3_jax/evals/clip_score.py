@@ -7,6 +7,7 @@ their dot product.
 
     from dalle3_jax.evals.clip_score import ClipScorer
     scorer = ClipScorer.from_workdir("workdirs/eval_clip")        # latest checkpoint
+    scorer = ClipScorer.from_pretrained("/data/clip-vit-base-patch32")  # an HF CLIP directory
     scores = scorer.score(images, texts)       # np.ndarray [N]; images uint8 [N, H, W, 3] or float in [0, 1]
     scorer.retrieval(images, texts)            # recall@1 both ways (see `retrieval_recall`)
 
@@ -15,6 +16,7 @@ loader does). Encoding is batched with fixed shapes (the last batch is padded by
 last row), jitted once per shape, and split over all devices.
 
     python -m dalle3_jax.evals.clip_score --clip_workdir=workdirs/eval_clip [--split eval --n 512] --json
+    python -m dalle3_jax.evals.clip_score --clip_pretrained=/data/clip-vit-base-patch32 --json
 
 prints the CLIP's figures on the world's eval split (short and descriptive captions): retrieval
 recall@1, the mean CLIP score of matching and of mismatched pairs, and how often it scores a
@@ -97,9 +99,11 @@ def to_model_images(images: np.ndarray, size: int) -> np.ndarray:
 class ClipScorer:
     """Image and text embeddings, CLIP scores and retrieval from a CoCa/CLIP model.
 
-    `model` is any CoCa (dalle3_jax/models/coca.py): its contrastive towers are used. The jitted
-    encoders read the model's current weights at every call, so a scorer built around a model
-    that is still training scores the latest weights.
+    `model` is any CoCa (dalle3_jax/models/coca.py) or CLIP (models/clip.py, e.g. imported by
+    `from_pretrained`): its contrastive towers are used. A model with `from_unit_range` (CLIP)
+    maps the project's [-1, 1] images into its own input space (its mean/std normalisation).
+    The jitted encoders read the model's current weights at every call, so a scorer built
+    around a model that is still training scores the latest weights.
     """
 
     def __init__(self, model: nnx.Module, tokenize: tokenizer_lib.Tokenize, mesh, *, batch_size: int = 128,
@@ -114,7 +118,8 @@ class ClipScorer:
 
         @jax.jit
         def encode_images(state, images):
-            return nnx.merge(graphdef, state).encode_image(images)[0]
+            m = nnx.merge(graphdef, state)
+            return m.encode_image(m.from_unit_range(images) if hasattr(m, "from_unit_range") else images)[0]
 
         @jax.jit
         def encode_texts(state, tokens):
@@ -143,6 +148,21 @@ class ClipScorer:
         with jax.set_mesh(mesh):
             step = checkpoint.load_model_weights(os.path.join(clip_workdir, "checkpoints"), model, step=step)
         return cls(model, tokenize, mesh, batch_size=batch_size, step=step, workdir=clip_workdir)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, batch_size: int = 128, mesh=None) -> ClipScorer:
+        """A Hugging Face CLIP checkpoint directory (config.json + safetensors weights +
+        tokenizer.json, optionally preprocessor_config.json) as the evaluation CLIP: weights
+        through `weights.clip.load_clip`, texts through the checkpoint's own tokenizer, images
+        centre-cropped, resized to its size and normalised with its mean and std."""
+        from dalle3_jax.weights import clip as clip_weights
+
+        mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+        tokenize = clip_weights.ClipTokenizer.from_pretrained(path)  # first: a missing tokenizer fails fast
+        model, _ = clip_weights.load_clip(path, mesh=mesh)
+        if model.config.towers != "both":
+            raise ValueError(f"{path!r} holds a one-tower CLIP ({model.config.towers}); scoring needs both towers")
+        return cls(model, tokenize, mesh, batch_size=batch_size, workdir=path)
 
     # -- embeddings -------------------------------------------------------------------------------
 
@@ -322,9 +342,23 @@ def evaluate_workdir(clip_workdir: str, *, n: int | None = None, split: str | No
             **all_figures(scorer, world_overrides, images, captions, scenes)}
 
 
+def evaluate_pretrained(path: str, *, n: int | None = None, split: str | None = None,
+                        world_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The judge figures of an imported Hugging Face CLIP (`ClipScorer.from_pretrained`) on the
+    world's `split` (eval by default; the default world unless `world_overrides`)."""
+    scorer = ClipScorer.from_pretrained(path)
+    world_overrides = dict(world_overrides or {})
+    images, captions, scenes = load_judge_set(world_overrides, scorer.image_size, n or 512, split=split or "eval")
+    return {"clip_pretrained": path, "n_examples": len(images),
+            **all_figures(scorer, world_overrides, images, captions, scenes)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clip_workdir", required=True, help="an evaluation CLIP run directory")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--clip_workdir", help="an evaluation CLIP run directory")
+    which.add_argument("--clip_pretrained", help="a Hugging Face CLIP checkpoint directory (config.json, "
+                                                 "safetensors weights, tokenizer.json)")
     parser.add_argument("--n", type=int, default=None, help="eval scenes (default: the config's)")
     parser.add_argument("--split", default=None, help="world split (default: the config's, eval)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -333,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     from dalle3_jax import runtime
 
     runtime.init()
-    out = evaluate_workdir(args.clip_workdir, n=args.n, split=args.split, step=args.step)
+    if args.clip_pretrained:
+        out = evaluate_pretrained(args.clip_pretrained, n=args.n, split=args.split)
+    else:
+        out = evaluate_workdir(args.clip_workdir, n=args.n, split=args.split, step=args.step)
     if args.json:
         print(json.dumps(out))
     else:

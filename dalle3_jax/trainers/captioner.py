@@ -32,6 +32,11 @@ def default_config(smoke: bool = False, model_variant: str = "tiny") -> ml_colle
     # The decoder reads all 64 image tokens rather than 32 pooled queries: descriptive captions
     # name every object's cell (a from-scratch DSC after 750 steps: fact recall 0.27 vs 0.25).
     c.model.n_caption_queries = 0
+    c.init = ml_collections.ConfigDict()
+    # A Hugging Face CLIP checkpoint directory whose vision tower starts CoCa's ViT (patch
+    # embedding, patch positions, blocks; weights/clip.py:init_coca_vision); "" = from scratch.
+    # Needs a matching ViT: vit_stem=(), learned positions, CLIP's width/depth/heads/patch size.
+    c.init.clip_vision = ""
     c.data = sources.default_data_config()  # where training records come from (world by default)
     c.input = pipeline.default_input_config()  # batching, caption field, workers
     c.input.global_batch_size = 64
@@ -92,9 +97,16 @@ def apply_world_variant(c: ml_collections.ConfigDict, arg: ml_collections.Config
     return c
 
 
-def make_model(config: ml_collections.ConfigDict) -> coca.CoCa:
-    """The CoCa model of a captioner config (seeded by config.seed)."""
-    return coca.create(config.model, rngs=nnx.Rngs(config.seed))
+def make_model(config: ml_collections.ConfigDict, *, pretrained: bool = False) -> coca.CoCa:
+    """The CoCa model of a captioner config (seeded by config.seed); with `pretrained`, its ViT
+    starts from the CLIP vision tower in `config.init.clip_vision`, if one is named."""
+    model = coca.create(config.model, rngs=nnx.Rngs(config.seed))
+    clip_vision = config.get("init", {}).get("clip_vision", "") if pretrained else ""
+    if clip_vision:
+        from dalle3_jax.weights import clip as clip_weights
+
+        clip_weights.init_coca_vision(model, clip_vision)
+    return model
 
 
 def check_config(config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Tokenize) -> None:
@@ -134,6 +146,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
             evaluator = caption_evals.evaluator_from_config(config, sharding.make_mesh(config.mesh), tokenize)
         return evaluator(model)
 
-    return loop.Task(make_model=lambda: make_model(config), loss_fn=loss_fn, train_data=train_data,
+    # Only a fresh run uses init.clip_vision: resuming, or `init_from`, replaces the params.
+    return loop.Task(make_model=lambda: make_model(config, pretrained=True), loss_fn=loss_fn, train_data=train_data,
                      evaluate=evaluate, batch_keys=("image", "tokens"),
                      examples_per_step=config.input.global_batch_size)
