@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -61,12 +62,12 @@ def lr_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedul
     return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), decay], [warmup])
 
 
+def _keys(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+
+
 def _path(path: tuple) -> str:
-    parts = []
-    for p in path:
-        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-        parts.append(str(key))
-    return "/".join(parts)
+    return "/".join(_keys(path))
 
 
 def decay_mask(params: Any) -> Any:
@@ -95,13 +96,51 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
     if c.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
     if c.frozen:
-        pattern = c.frozen
-        # Frozen params get zero updates and, through multi_transform, no optimizer moments.
-        tx = optax.multi_transform(
-            {"train": tx, "frozen": optax.set_to_zero()},
-            lambda params: jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask(params, pattern)),
-        )
+        tx = skip_frozen(tx, c.frozen)
     return tx
+
+
+def skip_frozen(tx: optax.GradientTransformation, pattern: str) -> optax.GradientTransformation:
+    """`tx` applied to the params whose path does not match `pattern`; matching params get zero
+    updates and no optimizer state at all.
+
+    The inner state is built over a nested dict of the trainable params only. (optax's masking
+    would instead leave a placeholder leaf per frozen param inside the optimizer state, which
+    nnx wraps like an array of the param's shape and sharded creation then cannot place.)"""
+    regex = re.compile(pattern)
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731  (init sees Variables, update arrays)
+
+    def split(tree):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+        keys = [_keys(p) for p, _ in flat]
+        frozen = [bool(regex.search("/".join(k))) for k in keys]
+        trainable: dict = {}
+        for k, (_, leaf), f in zip(keys, flat, frozen):
+            if not f:
+                node = trainable
+                for part in k[:-1]:
+                    node = node.setdefault(part, {})
+                node[k[-1]] = leaf
+        return trainable, (flat, keys, frozen, treedef)
+
+    def init(params):
+        return tx.init(split(params)[0])
+
+    def update(updates, state, params=None):
+        trainable, (flat, keys, frozen, treedef) = split(updates)
+        inner, state = tx.update(trainable, state, None if params is None else split(params)[0])
+        leaves = []
+        for k, (_, leaf), f in zip(keys, flat, frozen):
+            if f:
+                leaves.append(jax.tree.map(jnp.zeros_like, leaf))
+            else:
+                node = inner
+                for part in k:
+                    node = node[part]
+                leaves.append(node)
+        return treedef.unflatten(leaves), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def count_params(model: nnx.Module) -> int:
