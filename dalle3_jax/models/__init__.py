@@ -82,6 +82,36 @@ def finish_config(c: ml_collections.ConfigDict, table: dict[str, dict], variant:
     return c
 
 
+# What a trainer's `compute_dtype` may be ("" keeps every model block's own `dtype` field).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def with_compute_dtype(cfg: ml_collections.ConfigDict, compute_dtype: str) -> ml_collections.ConfigDict:
+    """A copy of model config `cfg` whose `dtype` fields, at every depth (the T2I model's text and
+    unet blocks, ...), are `compute_dtype`; "" returns `cfg` unchanged.
+
+    Only the compute dtype changes: `param_dtype` fields stay as they are (float32 master weights,
+    so the gradients, the optimizer state and the EMA stay float32), and the models keep their
+    norms, softmax, logits and losses in float32 whatever the compute dtype (models/layers.py).
+    """
+    if not compute_dtype:
+        return cfg
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)} "
+                         "(or '' for each model block's own dtype)")
+    out = ml_collections.ConfigDict(cfg.to_dict())
+
+    def visit(block: ml_collections.ConfigDict) -> None:
+        for key in block.keys():
+            if isinstance(block[key], ml_collections.ConfigDict):
+                visit(block[key])
+            elif key == "dtype":
+                block[key] = compute_dtype
+
+    visit(out)
+    return out
+
+
 def param_count(model: nnx.Module) -> int:
     """Number of trainable parameters (nnx.Param leaves) of a model or abstract model."""
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
-from dalle3_jax import sharding
+from dalle3_jax import models, sharding
 from dalle3_jax.data import pipeline, sources
 from dalle3_jax.data import tokenizer as tokenizer_lib
 from dalle3_jax.models import coca
@@ -100,7 +100,8 @@ def apply_world_variant(c: ml_collections.ConfigDict, arg: ml_collections.Config
 def make_model(config: ml_collections.ConfigDict, *, pretrained: bool = False) -> coca.CoCa:
     """The CoCa model of a captioner config (seeded by config.seed); with `pretrained`, its ViT
     starts from the CLIP vision tower in `config.init.clip_vision`, if one is named."""
-    model = coca.create(config.model, rngs=nnx.Rngs(config.seed))
+    model_cfg = models.with_compute_dtype(config.model, config.get("compute_dtype", ""))
+    model = coca.create(model_cfg, rngs=nnx.Rngs(config.seed))
     clip_vision = config.get("init", {}).get("clip_vision", "") if pretrained else ""
     if clip_vision:
         from dalle3_jax.weights import clip as clip_weights

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dalle3_jax import sharding
+from dalle3_jax import models, sharding
 from dalle3_jax.data import tokenizer as tokenizer_lib
 from dalle3_jax.models import text
 from dalle3_jax.models import upsampler as upsampler_model
@@ -94,7 +94,8 @@ def default_config(smoke: bool = False, model_variant: str = "S") -> ml_collecti
 
 def make_model(config: ml_collections.ConfigDict) -> upsampler_model.Upsampler:
     """The upsampler model of a config (seeded by config.seed)."""
-    return upsampler_model.create(config.model, rngs=nnx.Rngs(config.seed))
+    model_cfg = models.with_compute_dtype(config.model, config.get("compute_dtype", ""))
+    return upsampler_model.create(model_cfg, rngs=nnx.Rngs(config.seed))
 
 
 # ------------------------------------------------------------------------------------------------
