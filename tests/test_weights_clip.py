@@ -194,6 +194,10 @@ def test_sharded_import_keeps_shardings(hf_clip):
     model, _ = clip_weights.load_clip(directory, mesh=mesh)
     kernel = model.vision.blocks[0].mlp.fc1.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # every weight but the scalar logit scale names its dimensions
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = sharding.names_of(var)
+        assert (names is not None and len(names) == var.get_value().ndim) or var.get_value().ndim == 0, path
     pixels, ids = _inputs()
     with jax.set_mesh(mesh):
         got = jax.jit(lambda m, x: m.encode_images(x, normalize=True))(model, jnp.asarray(pixels))
@@ -256,7 +260,7 @@ def test_sharded_index_and_bfloat16(hf_clip, tmp_path):
     assert _max_diff(loaded[keys[-1]].astype(np.float32), tensors[keys[-1]]) < 0.02
 
 
-def test_clip_scorer_from_pretrained(hf_clip, tmp_path):
+def test_clip_scorer_from_pretrained(hf_clip, tmp_path, capsys):
     """The evaluation CLIP from an HF directory: its tokenizer, its image normalisation."""
     from dalle3_jax.evals import clip_score
 
@@ -274,6 +278,10 @@ def test_clip_scorer_from_pretrained(hf_clip, tmp_path):
     assert _max_diff(scorer.encode_images(images), out.image_embeds.numpy()) <= TOL
     ref = 100 * np.clip(np.sum(out.image_embeds.numpy() * out.text_embeds.numpy(), 1), 0, None)
     assert _max_diff(scorer.score(images, texts), ref) <= 1e-2
+    # the command line: judge figures of the imported CLIP on a few world scenes
+    assert clip_score.main(["--clip_pretrained", directory, "--n", "4", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["n_examples"] == 4 and 0 <= figures["short/clip_score"] <= 100
     # a directory without tokenizer.json is refused with a clear message
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -359,7 +359,7 @@ def coca_vision_plan(vit_cfg: Mapping[str, Any], hf: Mapping[str, Any], keys: Se
         raise sio.CheckpointError("the checkpoint has no CLIP vision tower (no key ends in "
                                   f"{_PATCH_KEY!r}); CoCa's image encoder cannot start from it")
     kind = hf.get("model_type")
-    v = {**_VISION_DEFAULTS, **(hf.get("vision_config") or {} if kind == "clip" else hf)}
+    v = {**_VISION_DEFAULTS, **((hf.get("vision_config") or {}) if kind == "clip" else hf)}
     c = vit_cfg
     problems: list[str] = []
 
