@@ -3,18 +3,24 @@ finetune split's short ground-truth captions ("three blue squares").
 
     python launch/train.py --config=configs/captioner_short.py --workdir=workdirs/captioner_short
     python launch/train.py --config=configs/captioner_short.py:tiny,init_from=/tmp/pretrain_tiny/checkpoints --workdir=/tmp/ssc
+    python launch/train.py --config=configs/captioner_short.py:data=tfds:coco_captions,model=S,init_from=none --workdir=workdirs/ssc_coco
 
 Variants: `single_object` (one object per scene), `image_size=N` (world and model resolution),
 `tiny`, `model=S|B|L`, `steps=N`, `init_from=DIR[:STEP]` (default: the pretrain run's
-checkpoints under workdirs/; "none" starts from scratch).
+checkpoints under workdirs/; "none" starts from scratch),
+`data=world|prepared:DIR|tfds:NAME` (real data: launch/prepare.py shards or a TFDS dataset such
+as coco_captions; 224 px unless `image_size=N`, evals on the held-out split: validation loss
+and retrieval, since fact precision needs the world's scenes; see dalle3_jax/data/presets.py).
+Add `--config.compute_dtype=bfloat16` for bfloat16 compute with float32 master weights.
 """
 
 from dalle3_jax import configlib
+from dalle3_jax.data import presets
 from dalle3_jax.trainers import captioner
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0, single_object=False, image_size=0,
+    arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0, single_object=False, image_size=0, data="world",
                               init_from="workdirs/captioner_pretrain/checkpoints")
     c = captioner.finetune_config(arg, caption_field="short")
     c.input.max_text_len = min(c.input.max_text_len, 16)  # short captions are <= 5 tokens
@@ -29,4 +35,5 @@ def get_config(arg=None):
     if arg.steps:
         c.total_steps = arg.steps
     captioner.apply_world_variant(c, arg)
+    presets.apply(c, arg.data, role="captioner", image_size=arg.image_size)  # real data
     return c

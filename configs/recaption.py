@@ -2,8 +2,8 @@
 
     python launch/recaption.py --config=configs/recaption.py
     python launch/recaption.py --config=configs/recaption.py:tiny,ssc=/tmp/ssc,dsc=/tmp/dsc --config.output_dir=/tmp/recaptioned
-    python launch/recaption.py --config=configs/recaption.py --config.data.source=arrayrecord \
-        --config.data.arrayrecord_pattern='data/prepared/*.array_record' --config.output_dir=data/recaptioned
+    python launch/recaption.py --config=configs/recaption.py:data=prepared:data/prepared,out=data/recaptioned,ssc=workdirs/ssc_real,dsc=workdirs/dsc_real
+    python launch/recaption.py --config=configs/recaption.py:data=tfds:coco_captions,out=data/coco_recaptioned
 
 Writes ArrayRecord shards whose records carry the new `ssc` and `dsc` captions (train on them
 with data.source=arrayrecord, data.arrayrecord_pattern=OUTPUT_DIR and input.caption_field=dsc),
@@ -13,15 +13,20 @@ already committed are skipped, and a finished job does nothing.
 Variants: `tiny` (64 world images, small shards: seconds), `ssc=DIR` and `dsc=DIR` (captioner
 run directories; "none" leaves that caption out), `n=N` (recaption only the first N inputs),
 `out=DIR` (the output directory), `single_object` and `image_size=N` (the world slice: one object
-per scene, render size; images are resized to each captioner's input size).
+per scene, render size; images are resized to each captioner's input size),
+`data=world|prepared:DIR|tfds:NAME` (the images to recaption: the world's train split, the shards
+of launch/prepare.py, or a TFDS dataset such as coco_captions, whose train+restval splits are read;
+every record keeps its own caption as `alt`; see dalle3_jax/data/presets.py).
 """
 
 from dalle3_jax import configlib
+from dalle3_jax.data import presets
 from dalle3_jax.recaption import job
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, tiny=False, ssc="", dsc="", n=0, out="", single_object=False, image_size=0)
+    arg = configlib.parse_arg(arg, tiny=False, ssc="", dsc="", n=0, out="", single_object=False, image_size=0,
+                              data="world")
     c = job.default_config()  # every field is documented in dalle3_jax/recaption/job.py
     if arg.tiny:
         c.limit = 64  # the first 64 images of the world's train split
@@ -45,4 +50,5 @@ def get_config(arg=None):
         c.data.world.single_object = True
     if arg.image_size:
         c.data.world.image_size = arg.image_size
+    presets.apply(c, arg.data, role="recaption")  # real data: the images to recaption
     return c

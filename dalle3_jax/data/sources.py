@@ -173,23 +173,43 @@ ShardWriter = ArrayRecordShardWriter
 # ----------------------------------------------------------------------------- TFDS
 
 
-def _feature_at(features, parts: Sequence[str]):
-    """The TFDS feature at a nested path, looking through Sequence features; None if absent."""
-    f = features
-    for part in parts:
-        while hasattr(f, "feature") and not hasattr(f, "keys"):  # Sequence(...) wraps its element
-            f = f.feature
-        try:
-            f = f[part]
-        except (KeyError, TypeError):
+def _resolve(node, parts: Sequence[str], child):
+    """Follows a feature path through nested mappings; None if it leads nowhere.
+
+    TFDS feature names may themselves hold "/" (COCO's flat "image/id", "image/filename" next to
+    the nested "captions" -> "text"), so at each level the longest run of parts that names a key
+    is taken: "image/id" is that flat key, "captions/text" the nested one.
+    `child(node, key)` returns the child or raises (KeyError, TypeError, ...).
+    """
+    i = 0
+    while i < len(parts):
+        for j in range(len(parts), i, -1):
+            try:
+                node = child(node, "/".join(parts[i:j]))
+            except (KeyError, TypeError, IndexError, ValueError):
+                continue
+            i = j
+            break
+        else:
             return None
-    return f
+    return node
+
+
+def _feature_child(f, key: str):
+    while hasattr(f, "feature") and not hasattr(f, "keys"):  # Sequence(...) wraps its element
+        f = f.feature
+    return f[key]
+
+
+def _feature_at(features, parts: Sequence[str]):
+    """The TFDS feature at a feature path, looking through Sequence features; None if absent."""
+    return _resolve(features, parts, _feature_child)
 
 
 def _value_at(example: Mapping, parts: Sequence[str]):
-    v: Any = example
-    for part in parts:
-        v = v[part]
+    v = _resolve(example, parts, lambda node, key: node[key])
+    if v is None:
+        raise KeyError(f"no value at {'/'.join(parts)!r}")
     return v
 
 
@@ -236,6 +256,16 @@ class TfdsSource:
             builder = tfds.builder(self.name, data_dir=self.data_dir)
         except tfds.core.registered.DatasetNotFoundError:
             raise FileNotFoundError(f"TFDS dataset {self.name!r} not found in {where}") from None
+        except ImportError:
+            # Some builders' code needs TensorFlow (coco_captions does, to declare its features);
+            # a dataset prepared elsewhere is read from its own files without that code.
+            try:
+                builder = tfds.core.read_only_builder.builder_from_files(self.name, data_dir=self.data_dir)
+            except tfds.core.registered.DatasetNotFoundError:
+                raise FileNotFoundError(f"TFDS dataset {self.name!r} is not prepared in {where} (and its "
+                                        f"builder needs TensorFlow to build it: tfds build {self.name} "
+                                        "--file_format=array_record on a machine with TensorFlow, then copy "
+                                        "the directory)") from None
         if not builder.is_prepared():
             raise FileNotFoundError(f"TFDS dataset {self.name!r} is not prepared in {where}; build it "
                                     f"first (tfds build {self.name} --file_format=array_record)")
