@@ -20,6 +20,8 @@ synthetic world returns) and `captions` ({name: text}); `id` names it in error m
 Batches are dicts of numpy arrays (B = global_batch_size / process_count):
 
     image     float32 [B, S, S, 3] in [-1, 1]; centre-cropped to a square, resized to S
+    latent    float32 [B, h, w, C] instead of `image` with cached_latents=True: the records'
+              precomputed autoencoder latents (launch/precompute_latents.py); no image decoding
     tokens    int32   [B, L]  bos text eos pad..., L = max_text_len (see tokenizer.py)
     text_len  int32   [B]     tokens that are not padding (bos and eos included)
     index     int64   [B]     position of the example in the source (exactly-once checks)
@@ -131,19 +133,26 @@ class _Prepare:
     caption_field: CaptionField
     on_bad_image: str
     keep_id: bool
+    cached_latents: bool = False
 
     def __call__(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
         # Grain passes an epoch-offset index (epoch * len + position) once the data repeats.
         index = index % self.num_records
         record_id = str(record.get("id", f"#{index}"))
-        try:
-            image = model_image(record["image"], self.image_size)
-        except Exception as e:  # any decoder error makes this one record bad, not the run
-            if self.on_bad_image == "raise":
-                raise ValueError(f"record {record_id} (source index {index}): bad image: {e}") from e
-            return {_BAD: record_id, "index": index, "error": f"{type(e).__name__}: {e}"}
+        if self.cached_latents:
+            if record.get("latent") is None:
+                raise KeyError(f"record {record_id} (source index {index}) has no cached `latent`; write the "
+                               "records with launch/precompute_latents.py or unset autoencoder.use_cached")
+            pixels = ("latent", records.decode_array(record["latent"]).astype(np.float32))
+        else:
+            try:
+                pixels = ("image", model_image(record["image"], self.image_size))
+            except Exception as e:  # any decoder error makes this one record bad, not the run
+                if self.on_bad_image == "raise":
+                    raise ValueError(f"record {record_id} (source index {index}): bad image: {e}") from e
+                return {_BAD: record_id, "index": index, "error": f"{type(e).__name__}: {e}"}
         example = {
-            "image": image,
+            pixels[0]: pixels[1],
             "caption": _select_caption(record, index, self.caption_field, record_id),
             "index": np.int64(index),
         }
@@ -179,8 +188,9 @@ class _Collate:
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         captions = [ex["caption"] for ex in examples]
         tokens, lengths = self.tokenize.encode_batch(captions, self.max_text_len)
+        key = "latent" if "latent" in examples[0] else "image"
         batch = {
-            "image": np.stack([ex["image"] for ex in examples]),
+            key: np.stack([ex[key] for ex in examples]),
             "tokens": tokens,
             "text_len": lengths,
             "index": np.array([ex["index"] for ex in examples], dtype=np.int64),
@@ -301,6 +311,7 @@ def make_loader(
     on_bad_image: str = "skip",
     max_consecutive_bad: int = 1000,
     keep_text: bool = False,
+    cached_latents: bool = False,
 ) -> grain.IterDataset:
     """Builds the input pipeline over `source` for this process.
 
@@ -330,6 +341,7 @@ def make_loader(
       on_bad_image: "skip" or "raise"; see the module docstring.
       max_consecutive_bad: raise once this many bad records come in a row.
       keep_text: also return `caption` and `id` object arrays (host-side logging only).
+      cached_latents: batches carry the records' `latent` fields instead of decoded images.
 
     Returns:
       A grain IterDataset; `iter()` gives a checkpointable DatasetIterator of batch dicts.
@@ -360,7 +372,7 @@ def make_loader(
         tokenize = tokenizer_lib.Tokenize(tokenizer)
 
     ds = grain.MapDataset.source(source)
-    ds = ds.map_with_index(_Prepare(n, image_size, caption_field, on_bad_image, keep_text))
+    ds = ds.map_with_index(_Prepare(n, image_size, caption_field, on_bad_image, keep_text, cached_latents))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
@@ -387,10 +399,12 @@ def make_loader_from_config(
     caption_field: CaptionField | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    cached_latents: bool = False,
 ) -> grain.IterDataset:
     """make_loader with its settings from an `input` ConfigDict (see default_input_config).
 
-    `caption_field` overrides config.caption_field (a callable cannot live in a config file).
+    `caption_field` overrides config.caption_field (a callable cannot live in a config file);
+    `cached_latents` is the training config's autoencoder.use_cached.
     """
     kwargs = dict(default_input_config().to_dict())
     kwargs.update({k: v for k, v in config.items() if k in kwargs})
@@ -400,7 +414,8 @@ def make_loader_from_config(
     if caption_field is not None:
         kwargs["caption_field"] = caption_field
     return make_loader(
-        source, tokenizer=tokenizer, process_index=process_index, process_count=process_count, **kwargs
+        source, tokenizer=tokenizer, process_index=process_index, process_count=process_count,
+        cached_latents=cached_latents, **kwargs
     )
 
 

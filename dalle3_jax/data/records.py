@@ -16,6 +16,9 @@ A record is a plain dict:
                   "width": ..., "height": ..., "original_width": ..., "normalised": [...]}.
                   Values must be msgpack-serialisable (str, int, float, bool, None, bytes,
                   lists and str-keyed dicts of those).
+      "latent":   dict, optional: the image's autoencoder latent [h, w, C] as written by
+                  launch/precompute_latents.py, {"dtype": "float16" | "float32", "shape":
+                  [h, w, C], "data": raw little-endian bytes} (encode_array / decode_array).
     }
 
 On disk a record is one msgpack map (never pickle: a shard must not be able to run code) with
@@ -44,7 +47,8 @@ from PIL import Image, ImageOps
 
 SCHEMA_VERSION = 1
 _KEYS_REQUIRED = ("id", "image", "captions")
-_KEYS_OPTIONAL = ("scene", "meta")
+_KEYS_OPTIONAL = ("scene", "meta", "latent")
+ARRAY_DTYPES = ("float16", "float32")  # what an array field ("latent") may hold
 
 # Defaults shared by prepare and the sources; all are overridable per call.
 MIN_SIDE = 16  # below this an image carries no usable content for a 32-64 px model
@@ -108,6 +112,31 @@ def _validate(rec: Any, *, where: str, image_may_be_array: bool) -> None:
         raise RecordError("bad_record", f"{where}: 'scene' of record {rec['id']!r} must be a JSON str")
     if rec.get("meta") is not None and not isinstance(rec["meta"], dict):
         raise RecordError("bad_record", f"{where}: 'meta' of record {rec['id']!r} must be a dict")
+    if rec.get("latent") is not None:
+        decode_array(rec["latent"], where=f"{where}: 'latent' of record {rec['id']!r}")
+
+
+def encode_array(array: np.ndarray) -> dict:
+    """A float16/float32 array as a record field: {"dtype", "shape", "data"} (little-endian bytes)."""
+    array = np.asarray(array)
+    if array.dtype.name not in ARRAY_DTYPES:
+        raise RecordError("bad_record", f"encode_array: dtype {array.dtype.name}; allowed: {ARRAY_DTYPES}")
+    return {"dtype": array.dtype.name, "shape": list(array.shape),
+            "data": np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()}
+
+
+def decode_array(field: Any, *, where: str = "decode_array") -> np.ndarray:
+    """The array of a record field written by encode_array (read-only view of its bytes)."""
+    if not isinstance(field, dict) or set(field) != {"dtype", "shape", "data"}:
+        raise RecordError("bad_record", f"{where}: expected a map with dtype, shape and data")
+    dtype, shape, data = field["dtype"], field["shape"], field["data"]
+    if dtype not in ARRAY_DTYPES or not isinstance(data, bytes) or not isinstance(shape, (list, tuple)):
+        raise RecordError("bad_record", f"{where}: dtype {dtype!r} (allowed {ARRAY_DTYPES}), shape {shape!r}, "
+                          f"data of type {type(data).__name__}")
+    itemsize = np.dtype(dtype).itemsize
+    if len(data) != itemsize * int(np.prod(shape)):
+        raise RecordError("bad_record", f"{where}: {len(data)} bytes do not hold a {dtype} array of shape {shape}")
+    return np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
 def encode_record(rec: dict) -> bytes:
@@ -124,6 +153,8 @@ def encode_record(rec: dict) -> bytes:
         out["scene"] = rec["scene"]
     if rec.get("meta") is not None:
         out["meta"] = rec["meta"]
+    if rec.get("latent") is not None:
+        out["latent"] = rec["latent"]
     try:
         return msgpack.packb(out, use_bin_type=True, default=_msgpack_default)
     except (TypeError, ValueError, OverflowError) as e:
