@@ -172,3 +172,22 @@ def test_cache_resumes_and_refuses_other_settings(cache, tmp_path):
     np.testing.assert_array_equal(records.decode_array(field), np.arange(6).reshape(2, 3))
     with pytest.raises(records.RecordError, match="do not hold"):
         records.decode_array({**field, "shape": [4, 3]})
+
+
+def test_variant_weights_come_from_an_autoencoder_run_checkpoint(tmp_path):
+    # An autoencoder run (trainers/autoencoder.py) saves the model under `model`, like every run.
+    import jax
+    from flax import nnx
+
+    from dalle3_jax import checkpoint, sharding
+    from dalle3_jax.models import autoencoder_kl
+
+    trained = autoencoder_kl.create(autoencoder_kl.config("tiny"), rngs=nnx.Rngs(7))
+    with checkpoint.Checkpointer(str(tmp_path / "ae" / "checkpoints")) as ckpt:
+        ckpt.save(3, {"model": nnx.state(trained)}, force=True)
+    ae = _config().autoencoder
+    ae.checkpoint = f"{tmp_path / 'ae'}:3"
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    loaded = latent.build(ae, mesh)
+    for got, want in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(trained))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
