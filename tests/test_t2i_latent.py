@@ -174,7 +174,7 @@ def test_cache_resumes_and_refuses_other_settings(cache, tmp_path):
         records.decode_array({**field, "shape": [4, 3]})
 
 
-def test_variant_weights_come_from_an_autoencoder_run_checkpoint(tmp_path):
+def test_variant_weights_from_a_run_checkpoint_and_fixed_posterior_samples(tmp_path):
     # An autoencoder run (trainers/autoencoder.py) saves the model under `model`, like every run.
     import jax
     from flax import nnx
@@ -191,3 +191,12 @@ def test_variant_weights_come_from_an_autoencoder_run_checkpoint(tmp_path):
     loaded = latent.build(ae, mesh)
     for got, want in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(trained))):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Posterior samples are fixed per example: the same latent in any batch position.
+    ae.sample = True
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
+    sampler = latent.Autoencoder(loaded, ae, mesh)
+    z = sampler.encode_host(images, np.arange(8), 8)
+    order = np.arange(8)[::-1]
+    np.testing.assert_allclose(sampler.encode_host(images[order], order, 8), z[order], atol=1e-6)
+    mean = latent.Autoencoder(loaded, _config().autoencoder, mesh).encode_host(images, np.arange(8), 8)
+    assert z.shape == (8, 4, 4, 4) and 0 < np.abs(z - mean).max() < 1e3

@@ -270,10 +270,13 @@ def prepare_batch(config: ml_collections.ConfigDict) -> Callable[[Mapping[str, j
     if ae.use_cached:
         return _check_cached(config)
 
+    loaded: list[Autoencoder] = []  # built at the first batch, inside the loop's mesh
+
     def prepare(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        model = get(ae, sharding.make_mesh(config.mesh))
+        if not loaded:
+            loaded.append(get(ae, sharding.make_mesh(config.mesh)))
         out = {k: v for k, v in batch.items() if k not in ("image", "index")}
-        out[LATENT_KEY] = model.encode(batch["image"], batch["index"])
+        out[LATENT_KEY] = loaded[0].encode(batch["image"], batch["index"])
         return out
 
     return prepare
