@@ -31,8 +31,9 @@ What a real-data preset changes besides the source (`apply`):
              Stable Diffusion VAE), `image_size=N` overrides; captions up to 80 tokens; the
              validation loss and sample grid read the training source (eval.source = "data")
              with the training caption; prompt following, which parses images with the
-             world's scene parser, is off (eval.n_prompts = 0): score a real-data run with
-             CLIP score instead. caption=descriptive_gt (the world's oracle) is an error.
+             world's scene parser, is off (eval.n_prompts = 0): score real-data samples with an
+             imported CLIP instead (evals/clip_score.py ClipScorer.from_pretrained).
+             caption=descriptive_gt (the world's oracle) is an error.
 
 Caption names: prepared shards carry the caption name given to launch/prepare.py
 (--caption_name, default `alt`), and each captioner config reads its own (`alt` for
