@@ -11,6 +11,11 @@ the pooled state, what made colour, shape, size and place learnable within minut
 Text is encoded once per caption and reused at every sampling step (`encode_text`, then
 `denoise`); `__call__` does both, for training.
 
+With `text_pretrained` set to a Hugging Face T5 checkpoint directory, the text encoder has that
+checkpoint's architecture and vocabulary (dalle3_jax/weights/t5.py; the `text` block and
+vocab_size are then unused) and is frozen: no gradient flows into it, and the T2I trainer
+fills its weights at a fresh start and excludes them from the optimizer (optim.frozen).
+
     cfg = t2i.config("S", vocab_size=1024)
     model = t2i.create(cfg, rngs=nnx.Rngs(0))
     out = model(x, t, tokens)            # [B, H, W, C]
@@ -49,6 +54,7 @@ def config(variant: str = "S", **overrides: Any) -> ml_collections.ConfigDict:
     c.text_encoder = "t5"  # which encoder fills the TextEncoding interface (see models/t5.py)
     c.vocab_size = 1024  # V, >= the tokenizer's vocabulary (token bag and encoder embeddings)
     c.token_bag = True  # add the sum of learned per-token embeddings to the pooled text vector
+    c.text_pretrained = ""  # an HF T5 checkpoint directory: its frozen encoder replaces the scratch one
     c.text = t5.config(VARIANTS[variant]["text"])  # the text encoder's architecture
     c.unet = unet.config(VARIANTS[variant]["unet"])  # the denoiser's architecture
     for key, value in overrides.items():
@@ -59,18 +65,30 @@ def config(variant: str = "S", **overrides: Any) -> ml_collections.ConfigDict:
     return c
 
 
+def text_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The text encoder's config: the `text` block with the top-level vocab_size or, with
+    `text_pretrained`, the architecture (vocabulary and special ids included) of that checkpoint."""
+    if cfg.get("text_pretrained"):
+        from dalle3_jax.weights import t5 as t5_weights  # reads the checkpoint's config.json
+
+        return t5_weights.encoder_config(cfg.text_pretrained, dtype=cfg.text.dtype)
+    text_cfg = ml_collections.ConfigDict(cfg.text.to_dict())
+    text_cfg.vocab_size = cfg.vocab_size
+    return text_cfg
+
+
 class TextToImage(nnx.Module):
     """Text encoder + token bag + UNet (see the module docstring)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         if cfg.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"Unknown text_encoder {cfg.text_encoder!r}; expected one of {TEXT_ENCODERS}")
-        text_cfg = ml_collections.ConfigDict(cfg.text.to_dict())
-        text_cfg.vocab_size = cfg.vocab_size
+        text_cfg = text_config(cfg)
         self.text = t5.create(text_cfg, rngs=rngs)
+        self.text_frozen = bool(cfg.get("text_pretrained"))
         width = self.text.width
         self.pad_id, self.eos_id = text_cfg.pad_id, text_cfg.eos_id
-        self.token_bag = (sharding.param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, width)),
+        self.token_bag = (sharding.param(0.02 * jax.random.normal(rngs.params(), (text_cfg.vocab_size, width)),
                                          ("vocab", "embed")) if cfg.token_bag else None)
         unet_cfg = ml_collections.ConfigDict(cfg.unet.to_dict())
         unet_cfg.context_dim = width
@@ -81,6 +99,8 @@ class TextToImage(nnx.Module):
     def encode_text(self, tokens: jax.Array) -> t5.TextEncoding:
         """tokens [B, L] -> TextEncoding whose pooled vector includes the token bag."""
         enc = self.text(tokens)
+        if self.text_frozen:  # no backward pass through a frozen encoder
+            enc = jax.lax.stop_gradient(enc)
         if self.token_bag is None:
             return enc
         valid = text.token_mask(tokens, self.pad_id, self.eos_id)

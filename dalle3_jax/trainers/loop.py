@@ -70,6 +70,12 @@ class Task:
       examples_per_step: for the examples/s figure of the progress line.
       eval_model: TrainState -> the module `evaluate` receives (e.g. the EMA weights in
         `state.extra`); default: the trained model.
+      prepare_batch: global device batch -> the batch loss_fn reads, run outside the train
+        step (e.g. images -> latents through a frozen autoencoder, whose weights thus stay out
+        of the train state); default: the batch as loaded.
+      init_weights: TrainState -> None, fills weights that do not come from an initialiser (e.g.
+        a pretrained text encoder) into a fresh state, outside jit; not called on resume, whose
+        checkpoint already holds them.
     """
 
     make_model: Callable[[], nnx.Module]
@@ -81,6 +87,8 @@ class Task:
     after_update: Callable[[TrainState, jax.Array], None] | None = None
     examples_per_step: int | None = None
     eval_model: Callable[[TrainState], nnx.Module] | None = None
+    prepare_batch: Callable[[Mapping[str, jax.Array]], Mapping[str, jax.Array]] | None = None
+    init_weights: Callable[[TrainState], None] | None = None
 
 
 def loop_config() -> ml_collections.ConfigDict:
@@ -95,6 +103,10 @@ def loop_config() -> ml_collections.ConfigDict:
     c.seed = 0  # model init and per-step randomness (dropout, sampling, noise)
     c.init_from = ""  # "DIR" or "DIR:STEP" of another run whose params start this one
     c.record_examples = False  # log each step's example indices to DIR/examples/ (exactly-once audits)
+    # Compute dtype of every sub-model: "float32" | "bfloat16" (bf16 matmuls and convolutions; the
+    # parameters, gradients, optimizer state, EMA, norms, softmax, logits and losses stay float32);
+    # "" = each model block's own `dtype` field. Applied by models.with_compute_dtype.
+    c.compute_dtype = ""
     c.mesh = sharding.mesh_config()
     c.optim = optim.default_config()
     return c
@@ -296,8 +308,14 @@ def _run(config, task: Task, ctor, mesh, ckpt, writer, stop: _StopRequest) -> tu
     log.info("model: %s parameters; mesh %s", f"{optim.count_params(ts.model):,}", dict(mesh.shape))
     loader_iter = iter(task.train_data())
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(ts))
+
+    def fresh_state():
+        if task.init_weights is not None:
+            task.init_weights(ts)
+        return nnx.state(ts)
+
     state, step, source = checkpoint_lib.restore_or_init(
-        ckpt, abstract, lambda: nnx.state(ts), init_from=config.init_from or None, data_iter=loader_iter
+        ckpt, abstract, fresh_state, init_from=config.init_from or None, data_iter=loader_iter
     )
     nnx.update(ts, state)
     log.info("starting at step %d of %d (%s)", step, total, source)
@@ -313,6 +331,8 @@ def _run(config, task: Task, ctor, mesh, ckpt, writer, stop: _StopRequest) -> tu
     compiled, pending, state, last_eval = None, [], None, {}
     t_start = time.perf_counter()
     for batch in _host_batches(loader_iter, mesh, task.batch_keys, counters, examples):
+        if task.prepare_batch is not None:
+            batch = task.prepare_batch(batch)
         rng = jax.random.fold_in(rng_root, step)
         if compiled is None:
             _, compiled, memory = compile_train_step(task, ts, batch, rng)

@@ -8,17 +8,27 @@ What the stage adds to the loop:
             captions dropped to the empty caption with probability `diffusion.cond_drop` so the
             model also learns the unconditional score that guidance needs
   extra     EMA weights (diffusion/ema.py), updated inside the jitted step; evals use them
+  latents   with config.autoencoder set, the UNet denoises latents of a frozen autoencoder:
+            batches are encoded on the devices before the step (or read from a latent cache)
+            and samples are decoded to images (diffusion/latent.py)
   evals     validation loss on held-out captions, a sample grid (TensorBoard and
             workdir/samples/step_N.png) and prompt following on eval-split prompts
             (evals/prompt_following.py), all on the EMA weights
 
 `configs/t2i.py` builds on `default_config()`; `load_run` restores a finished run for
 launch/sample.py and the prompt-following CLI.
+
+A pretrained text encoder (`model.text_pretrained`, an HF T5 directory) is frozen: optim.frozen
+defaults to "^text/", its weights are read from the directory at a fresh start (a resumed run
+takes them from its checkpoint) and the tokenizer is that directory's tokenizer.json unless
+`tokenizer` names another.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -26,15 +36,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dalle3_jax import metrics, sharding
+from dalle3_jax import metrics, models, sharding
 from dalle3_jax.data import blend as blend_lib
 from dalle3_jax.data import pipeline, sources
 from dalle3_jax.data import tokenizer as tokenizer_lib
 from dalle3_jax.diffusion import ema as ema_lib
+from dalle3_jax.diffusion import latent as latent_lib
 from dalle3_jax.diffusion import losses, samplers, schedules
 from dalle3_jax.models import t2i as t2i_model
 from dalle3_jax.trainers import loop
 
+log = logging.getLogger(__name__)
+
+FROZEN_TEXT = "^text/"  # optim.frozen for a pretrained text encoder (the model's `text` params)
 
 def default_config(smoke: bool = False, model_variant: str = "S") -> ml_collections.ConfigDict:
     """A T2I config (the shapes-world recipe); `smoke` shrinks it to a seconds-long run for tests."""
@@ -53,8 +67,9 @@ def default_config(smoke: bool = False, model_variant: str = "S") -> ml_collecti
     c.data.world = ml_collections.ConfigDict(dict(image_size=32, single_object=True))  # WorldConfig overrides
     c.input = pipeline.default_input_config()  # batching and decoding (caption_field is set by `caption`)
     c.input.global_batch_size = 128
-    c.input.image_size = 32  # must equal model.unet.image_size
+    c.input.image_size = 32  # must equal model.unet.image_size (in pixel space)
     c.input.max_text_len = 32  # single-object descriptive captions are <= 29 tokens; use 80 for multi-object
+    c.autoencoder = latent_lib.default_config()  # latent diffusion (diffusion/latent.py); default: pixels
     c.diffusion = schedules.default_config()  # schedule, timesteps, zero terminal SNR
     c.diffusion.prediction = "v"  # v | eps (what the UNet outputs)
     c.diffusion.weighting = "min_snr_plus_one"  # none | min_snr | min_snr_plus_one (diffusion/losses.py)
@@ -99,17 +114,18 @@ def default_config(smoke: bool = False, model_variant: str = "S") -> ml_collecti
 
 def make_model(config: ml_collections.ConfigDict) -> t2i_model.TextToImage:
     """The T2I model of a config (seeded by config.seed)."""
-    return t2i_model.create(config.model, rngs=nnx.Rngs(config.seed))
+    model_cfg = models.with_compute_dtype(config.model, config.get("compute_dtype", ""))
+    return t2i_model.create(model_cfg, rngs=nnx.Rngs(config.seed))
 
 
 def check_config(config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Tokenize) -> schedules.Schedule:
     """Catches settings that would otherwise fail deep inside a compiled step; returns the schedule."""
-    if tokenize.vocab_size > config.model.vocab_size:
+    if config.model.get("text_pretrained"):
+        _check_pretrained_text(config, tokenize)
+    elif tokenize.vocab_size > config.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenize.vocab_size} tokens but model.vocab_size is "
                          f"{config.model.vocab_size}; raise model.vocab_size")
-    if config.input.image_size != config.model.unet.image_size:
-        raise ValueError(f"input.image_size={config.input.image_size} differs from "
-                         f"model.unet.image_size={config.model.unet.image_size}")
+    latent_lib.check(config)  # the UNet's input matches the images' (pixel space) or their latents'
     if config.caption not in blend_lib.CHOICES:
         raise ValueError(f"caption={config.caption!r}; valid: {', '.join(blend_lib.CHOICES)}")
     if config.sample.sampler not in samplers.SAMPLERS:
@@ -117,6 +133,54 @@ def check_config(config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Toke
     schedule = schedules.from_config(config.diffusion)
     losses.check(config.diffusion.prediction, config.diffusion.weighting, schedule)
     return schedule
+
+
+def _check_pretrained_text(config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Tokenize) -> None:
+    """The tokenizer fits the pretrained encoder (vocabulary, pad and eos ids) and the encoder is frozen."""
+    text_cfg = t2i_model.text_config(config.model)
+    where = f"model.text_pretrained={config.model.text_pretrained!r}"
+    if tokenize.vocab_size > text_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenize.vocab_size} tokens but the encoder of {where} only "
+                         f"{text_cfg.vocab_size}; use that checkpoint's own tokenizer")
+    if (tokenize.ids.pad, tokenize.ids.eos) != (text_cfg.pad_id, text_cfg.eos_id):
+        raise ValueError(f"the tokenizer's pad/eos ids {tokenize.ids.pad}/{tokenize.ids.eos} differ from those "
+                         f"of the encoder of {where} ({text_cfg.pad_id}/{text_cfg.eos_id})")
+    if not re.search(config.optim.frozen or "$^", "text/token_embed"):
+        raise ValueError(f"optim.frozen={config.optim.frozen!r} does not freeze the pretrained text encoder "
+                         f"of {where}; include {FROZEN_TEXT!r}")
+
+
+def load_tokenize(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenize:
+    """The run's tokenizer: config.tokenizer, else the pretrained text encoder's directory
+    (its tokenizer.json), else the packaged shapes-world one."""
+    path = config.tokenizer or None
+    pretrained = config.model.get("text_pretrained")
+    if path is None and pretrained:
+        if not os.path.isdir(pretrained):
+            raise FileNotFoundError(f"model.text_pretrained={pretrained!r} is not a directory")
+        if not os.path.isfile(os.path.join(pretrained, "tokenizer.json")):
+            raise FileNotFoundError(
+                f"model.text_pretrained={pretrained!r} has no tokenizer.json; save the checkpoint's fast "
+                "tokenizer there (AutoTokenizer.from_pretrained(name).save_pretrained(dir)) or set "
+                "config.tokenizer to a directory that has one")
+        path = pretrained
+    return tokenizer_lib.Tokenize(tokenizer_lib.load_tokenizer(path))
+
+
+def _pretrained_text_loader(config: ml_collections.ConfigDict):
+    """Task.init_weights for a pretrained text encoder: reads its weights into a fresh state's
+    model (placed on the model's sharding, one tensor at a time) and the EMA copy."""
+    from dalle3_jax.weights import t5 as t5_weights
+
+    path, text_cfg = config.model.text_pretrained, t2i_model.text_config(config.model)
+
+    def init_weights(ts: loop.TrainState) -> None:
+        report = t5_weights.load_into(ts.model.text, path, text_cfg)
+        log.info("text encoder from %s: %s", path, report.summary())
+        if ts.extra is not None and hasattr(ts.extra, "model"):  # the EMA starts from the same weights
+            nnx.update(ts.extra.model.text, jax.tree.map(lambda x: x.copy(), nnx.state(ts.model.text, nnx.Param)))
+
+    return init_weights
 
 
 def null_tokens(tokenize: tokenizer_lib.Tokenize, max_len: int) -> np.ndarray:
@@ -157,8 +221,10 @@ def sample_captions(model: nnx.Module, config: ml_collections.ConfigDict, tokeni
         batch = sharding.replicated_to_global({"tokens": _pad_rows(chunk, bs)}, mesh)
         images = samplers.generate(model, batch["tokens"], jax.random.fold_in(jax.random.key(seed), i), schedule,
                                    null_tokens=null, prediction=config.diffusion.prediction, **settings)
+        images = latent_lib.decode_samples(config, mesh, images)  # latents -> pixels (latent diffusion)
         out.append(samplers.to_uint8(images)[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size, model.channels), np.uint8)
+    size = int(config.input.image_size)
+    return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
 def eval_source(config: ml_collections.ConfigDict):
@@ -192,7 +258,8 @@ class Evaluator:
                 raise KeyError(f"eval record {r.get('id')} has no caption {field!r}; set eval.caption_field")
         images = np.stack([pipeline.model_image(r["image"], config.input.image_size) for r in records[:n]])
         tokens, _ = tokenize.encode_batch([r["captions"][field] for r in records[:n]], config.input.max_text_len)
-        self.val = (images, tokens)
+        # What the UNet denoises: the images, or their latents (encoded once, here).
+        self.val = (latent_lib.to_model_space(config, mesh, images, np.arange(n), self.batch_size), tokens)
         self.grid_captions = [r["captions"][field] for r in records[:config.eval.n_grid]]
         self._val_step = None
         self._prompts = None  # prompt-following prompts, rendered on first use
@@ -246,22 +313,27 @@ class Evaluator:
 
 def build_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     """The T2I Task: TextToImage + the weighted diffusion loss on blended captions, with EMA."""
-    tokenize = tokenizer_lib.Tokenize(tokenizer_lib.load_tokenizer(config.tokenizer or None))
+    pretrained_text = bool(config.model.get("text_pretrained"))
+    if pretrained_text and not config.optim.frozen:
+        config.optim.frozen = FROZEN_TEXT  # saved with the run's config: the optimizer skips the encoder
+    tokenize = load_tokenize(config)
     schedule = check_config(config, tokenize)
     source = sources.make_source(config.data)
     caption_field = blend_lib.from_choice(config.caption, config.blend, config.blend_seed)
     null = null_tokens(tokenize, config.input.max_text_len)
     d = config.diffusion
+    x0_key = latent_lib.input_key(config)  # "image", or "latent" in latent diffusion
     evaluator = None
 
     def train_data():
-        return pipeline.make_loader_from_config(source, config.input, tokenizer=tokenize, caption_field=caption_field)
+        return pipeline.make_loader_from_config(source, config.input, tokenizer=tokenize, caption_field=caption_field,
+                                                cached_latents=latent_lib.uses_cache(config))
 
     def loss_fn(model, batch, rng):
         k_drop, k_loss = jax.random.split(rng)
         tokens = losses.drop_captions(batch["tokens"], null, float(d.cond_drop), k_drop)
         enc = model.encode_text(tokens)
-        return losses.diffusion_loss(lambda x, t: model.denoise(x, t, enc), batch["image"], k_loss, schedule,
+        return losses.diffusion_loss(lambda x, t: model.denoise(x, t, enc), batch[x0_key], k_loss, schedule,
                                      prediction=d.prediction, weighting=d.weighting, gamma=float(d.snr_gamma))
 
     def evaluate(model, step):
@@ -273,10 +345,12 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     ema_on = bool(config.ema.enabled)
     return loop.Task(
         make_model=lambda: make_model(config), loss_fn=loss_fn, train_data=train_data, evaluate=evaluate,
-        batch_keys=("image", "tokens"), examples_per_step=config.input.global_batch_size,
+        batch_keys=latent_lib.batch_keys(config), prepare_batch=latent_lib.prepare_batch(config),
+        examples_per_step=config.input.global_batch_size,
         make_extra=(lambda m: ema_lib.EMA(m, config.ema.decay, config.ema.warmup)) if ema_on else None,
         after_update=(lambda ts, step: ts.extra.update(ts.model, step)) if ema_on else None,
         eval_model=(lambda ts: ts.extra.model) if ema_on else None,
+        init_weights=_pretrained_text_loader(config) if pretrained_text else None,
     )
 
 
@@ -308,7 +382,7 @@ def load_run(workdir: str, *, step: int | None = None, ema: bool = True, mesh=No
 
     config = loop.load_run_config(workdir, "t2i")
     mesh = mesh or sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    tokenize = tokenizer_lib.Tokenize(tokenizer_lib.load_tokenizer(config.tokenizer or None))
+    tokenize = load_tokenize(config)
     prefix = "extra/model" if ema and config.ema.enabled else "model"
     # An abstract model (shapes and shardings, no values) is the restore target: the weights come
     # from the checkpoint, so no initialiser needs compiling or running.
