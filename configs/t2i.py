@@ -28,6 +28,9 @@ Variants (after the colon, comma-separated):
                   (autoencoder=/path/to/vae); the UNet's side and channels follow its latents
   latents=DIR     with autoencoder=: train on the latents that launch/precompute_latents.py
                   cached in DIR (same config) instead of encoding every batch
+  text_states=DIR with --config.model.text_pretrained=T5: train on the frozen encoder's states
+                  that launch/precompute_latents.py --text_states cached in DIR (same config)
+                  instead of running the encoder every step; with latents=, the same DIR
   model=S         architecture size (tiny | S | B, see models/t2i.py)
   steps=N         total optimizer steps (0 = the default, 1200: the issue's prototype trained
                   that many in 20 minutes on an idle 2-core CPU)
@@ -53,7 +56,7 @@ from dalle3_jax.trainers import t2i
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, tiny=False, caption="descriptive_gt", blend=0.95, records="workdirs/recaption",
                               single_object=True, image_size=0, model="S", steps=0, data="world",
-                              autoencoder="", latents="")
+                              autoencoder="", latents="", text_states="")
     if arg.caption not in blend.CHOICES:
         raise ValueError(f"caption={arg.caption!r}; valid: {', '.join(blend.CHOICES)}")
     c = t2i.default_config(smoke=arg.tiny, model_variant="tiny" if arg.tiny else arg.model)
@@ -85,4 +88,11 @@ def get_config(arg=None):
         c.data.source = "arrayrecord"  # the cache keeps every record whole, captions included
         c.data.arrayrecord_pattern = arg.latents
         c.autoencoder.use_cached = True
+    if arg.text_states:
+        if arg.latents and os.path.abspath(arg.latents) != os.path.abspath(arg.text_states):
+            raise ValueError(f"latents={arg.latents} and text_states={arg.text_states} must name the same cache "
+                             "(one record holds both)")
+        c.data.source = "arrayrecord"  # the cache keeps every record whole
+        c.data.arrayrecord_pattern = arg.text_states
+        c.cached_text_states = True
     return c

@@ -56,9 +56,19 @@ class CaptionBlend:
         """Whether the example keyed `record_key` gets the synthetic caption."""
         return self.blend >= 1.0 or (self.blend > 0.0 and uniform(self.seed, record_key) < self.blend)
 
+    def name(self, record: Mapping[str, Any], index: int) -> str:
+        """The caption name this example gets: `field` or `fallback` (cached text states are
+        stored per name, diffusion/text_cache.py)."""
+        return self.field if self.uses_field(str(record.get("id", f"#{index}"))) else self.fallback
+
+    def fields(self) -> tuple[str, ...]:
+        """Every caption name this blend can pick."""
+        picks = ((self.field,) if self.blend > 0.0 else ()) + ((self.fallback,) if self.blend < 1.0 else ())
+        return tuple(dict.fromkeys(picks))
+
     def __call__(self, record: Mapping[str, Any], index: int) -> str:
         key = str(record.get("id", f"#{index}"))
-        name = self.field if self.uses_field(key) else self.fallback
+        name = self.name(record, index)
         captions = record.get("captions") or {}
         if name not in captions:
             raise KeyError(f"record {key} has no caption {name!r} (it has {sorted(captions)}); "

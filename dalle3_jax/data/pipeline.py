@@ -23,6 +23,9 @@ Batches are dicts of numpy arrays (B = global_batch_size / process_count):
     latent    float32 [B, h, w, C] instead of `image` with cached_latents=True: the records'
               precomputed autoencoder latents (launch/precompute_latents.py); no image decoding
     tokens    int32   [B, L]  bos text eos pad..., L = max_text_len (see tokenizer.py)
+    text_states, text_mask, text_pooled   with cached_text=True: the chosen caption's frozen
+              text-encoder output [B, L, D], [B, L] (1 = real token), [B, D] as the records
+              store it (float16 or float32; diffusion/text_cache.py)
     text_len  int32   [B]     tokens that are not padding (bos and eos included)
     index     int64   [B]     position of the example in the source (exactly-once checks)
     skipped   int32   [B]     bad records skipped just before this example (sum for a count)
@@ -134,6 +137,7 @@ class _Prepare:
     on_bad_image: str
     keep_id: bool
     cached_latents: bool = False
+    cached_text: bool = False
 
     def __call__(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
         # Grain passes an epoch-offset index (epoch * len + position) once the data repeats.
@@ -156,9 +160,34 @@ class _Prepare:
             "caption": _select_caption(record, index, self.caption_field, record_id),
             "index": np.int64(index),
         }
+        if self.cached_text:
+            example.update(_cached_text(record, _caption_name(self.caption_field, record, index), record_id))
         if self.keep_id:
             example["id"] = record_id
         return example
+
+
+# Batch keys of a caption's cached text-encoder parts (records.TEXT_STATE_PARTS).
+TEXT_KEYS = {"states": "text_states", "mask": "text_mask", "pooled": "text_pooled"}
+
+
+def _caption_name(field: CaptionField, record: Mapping[str, Any], index: int) -> str:
+    if isinstance(field, str):
+        return field
+    if not hasattr(field, "name"):
+        raise TypeError("cached text states need the caption's name: caption_field must be a field name or a "
+                        f"blend.CaptionBlend, not {type(field).__name__}")
+    return field.name(record, index)
+
+
+def _cached_text(record: Mapping[str, Any], name: str, record_id: str) -> dict[str, np.ndarray]:
+    """The cached encoder output of the record's caption `name`, as example entries (TEXT_KEYS)."""
+    cached = (record.get("text_states") or {}).get(name)
+    if cached is None:
+        raise KeyError(f"record {record_id} has no cached text states of caption {name!r}; write the records with "
+                       "launch/precompute_latents.py --text_states (and this run's caption choice) or unset "
+                       "cached_text_states")
+    return {key: records.decode_array(cached[part]) for part, key in TEXT_KEYS.items()}
 
 
 def _select_caption(record: Mapping[str, Any], index: int, field: CaptionField, record_id: str) -> str:
@@ -190,6 +219,7 @@ class _Collate:
         tokens, lengths = self.tokenize.encode_batch(captions, self.max_text_len)
         key = "latent" if "latent" in examples[0] else "image"
         batch = {
+            **{k: np.stack([ex[k] for ex in examples]) for k in TEXT_KEYS.values() if k in examples[0]},
             key: np.stack([ex[key] for ex in examples]),
             "tokens": tokens,
             "text_len": lengths,
@@ -312,6 +342,7 @@ def make_loader(
     max_consecutive_bad: int = 1000,
     keep_text: bool = False,
     cached_latents: bool = False,
+    cached_text: bool = False,
 ) -> grain.IterDataset:
     """Builds the input pipeline over `source` for this process.
 
@@ -342,6 +373,8 @@ def make_loader(
       max_consecutive_bad: raise once this many bad records come in a row.
       keep_text: also return `caption` and `id` object arrays (host-side logging only).
       cached_latents: batches carry the records' `latent` fields instead of decoded images.
+      cached_text: batches also carry the chosen caption's cached text-encoder output
+        (text_states, text_mask, text_pooled; see TEXT_KEYS).
 
     Returns:
       A grain IterDataset; `iter()` gives a checkpointable DatasetIterator of batch dicts.
@@ -372,7 +405,8 @@ def make_loader(
         tokenize = tokenizer_lib.Tokenize(tokenizer)
 
     ds = grain.MapDataset.source(source)
-    ds = ds.map_with_index(_Prepare(n, image_size, caption_field, on_bad_image, keep_text, cached_latents))
+    ds = ds.map_with_index(_Prepare(n, image_size, caption_field, on_bad_image, keep_text, cached_latents,
+                                    cached_text))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
@@ -400,11 +434,13 @@ def make_loader_from_config(
     process_index: int | None = None,
     process_count: int | None = None,
     cached_latents: bool = False,
+    cached_text: bool = False,
 ) -> grain.IterDataset:
     """make_loader with its settings from an `input` ConfigDict (see default_input_config).
 
     `caption_field` overrides config.caption_field (a callable cannot live in a config file);
-    `cached_latents` is the training config's autoencoder.use_cached.
+    `cached_latents` is the training config's autoencoder.use_cached, `cached_text` its
+    cached_text_states.
     """
     kwargs = dict(default_input_config().to_dict())
     kwargs.update({k: v for k, v in config.items() if k in kwargs})
@@ -415,7 +451,7 @@ def make_loader_from_config(
         kwargs["caption_field"] = caption_field
     return make_loader(
         source, tokenizer=tokenizer, process_index=process_index, process_count=process_count,
-        cached_latents=cached_latents, **kwargs
+        cached_latents=cached_latents, cached_text=cached_text, **kwargs
     )
 
 

@@ -19,6 +19,10 @@ A record is a plain dict:
       "latent":   dict, optional: the image's autoencoder latent [h, w, C] as written by
                   launch/precompute_latents.py, {"dtype": "float16" | "float32", "shape":
                   [h, w, C], "data": raw little-endian bytes} (encode_array / decode_array).
+      "text_states": dict, optional: a frozen text encoder's output for each caption that T2I
+                  blending can pick, {caption name: {"states": [L, D], "mask": [L] (1 = real
+                  token), "pooled": [D]}}, each an encode_array field (precompute_latents.py
+                  --text_states).
     }
 
 On disk a record is one msgpack map (never pickle: a shard must not be able to run code) with
@@ -47,8 +51,10 @@ from PIL import Image, ImageOps
 
 SCHEMA_VERSION = 1
 _KEYS_REQUIRED = ("id", "image", "captions")
-_KEYS_OPTIONAL = ("scene", "meta", "latent")
-ARRAY_DTYPES = ("float16", "float32")  # what an array field ("latent") may hold
+_KEYS_OPTIONAL = ("scene", "meta", "latent", "text_states")
+ARRAY_DTYPES = ("float16", "float32")  # what an array field ("latent", "text_states") may hold
+# The parts of one caption's cached text-encoder output ({caption name: {part: array}}).
+TEXT_STATE_PARTS = ("states", "mask", "pooled")
 
 # Defaults shared by prepare and the sources; all are overridable per call.
 MIN_SIDE = 16  # below this an image carries no usable content for a 32-64 px model
@@ -114,6 +120,19 @@ def _validate(rec: Any, *, where: str, image_may_be_array: bool) -> None:
         raise RecordError("bad_record", f"{where}: 'meta' of record {rec['id']!r} must be a dict")
     if rec.get("latent") is not None:
         decode_array(rec["latent"], where=f"{where}: 'latent' of record {rec['id']!r}")
+    if rec.get("text_states") is not None:
+        _validate_text_states(rec["text_states"], where=f"{where}: 'text_states' of record {rec['id']!r}")
+
+
+def _validate_text_states(field: Any, *, where: str) -> None:
+    # {caption name: {"states": [L, D], "mask": [L], "pooled": [D]}} (diffusion/text_cache.py)
+    if not isinstance(field, dict):
+        raise RecordError("bad_record", f"{where}: expected a map of caption name -> encoder output")
+    for name, parts in field.items():
+        if not isinstance(parts, dict) or set(parts) != set(TEXT_STATE_PARTS):
+            raise RecordError("bad_record", f"{where}: caption {name!r} needs exactly {list(TEXT_STATE_PARTS)}")
+        for part in TEXT_STATE_PARTS:
+            decode_array(parts[part], where=f"{where}[{name!r}].{part}")
 
 
 def encode_array(array: np.ndarray) -> dict:
@@ -153,8 +172,9 @@ def encode_record(rec: dict) -> bytes:
         out["scene"] = rec["scene"]
     if rec.get("meta") is not None:
         out["meta"] = rec["meta"]
-    if rec.get("latent") is not None:
-        out["latent"] = rec["latent"]
+    for key in ("latent", "text_states"):
+        if rec.get(key) is not None:
+            out[key] = rec[key]
     try:
         return msgpack.packb(out, use_bin_type=True, default=_msgpack_default)
     except (TypeError, ValueError, OverflowError) as e:

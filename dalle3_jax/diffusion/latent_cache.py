@@ -8,10 +8,14 @@ Each record of `config.data` (the run's training source) is written back whole (
 captions, scene, meta) with one more field, `latent`: the image at input.image_size, encoded by
 the run's autoencoder exactly as training would encode it on the fly (diffusion/latent.py: the
 posterior mean, or with autoencoder.sample its sample fixed by the record's index), stored as
-float32 or float16 bytes with their shape (data/records.py encode_array).
+float32 or float16 bytes with their shape (data/records.py encode_array). With text_states
+(`--text_states`), each record also gets `text_states`: a frozen pretrained text encoder's
+output for every caption the run's blending can pick (diffusion/text_cache.py); a config
+without an autoencoder then makes a cache of text states alone.
 
     DIR/job.json                        what the latents depend on: source, image size,
-                                        autoencoder block, dtype; a rerun must match it
+                                        autoencoder block, dtype (and `text`: what the text
+                                        states depend on); a rerun must match it
     DIR/latents-00003-of-00008.array_record   the records of input range 3, in input order
     DIR/shards/00003.json               shard 3's commit record
     DIR/manifest.json, failures.jsonl, summary.json   at the end
@@ -35,7 +39,7 @@ import numpy as np
 
 from dalle3_jax import sharding
 from dalle3_jax.data import pipeline, records, sources
-from dalle3_jax.diffusion import latent
+from dalle3_jax.diffusion import latent, text_cache
 from dalle3_jax.recaption import writer as writer_lib
 
 log = logging.getLogger(__name__)
@@ -58,14 +62,19 @@ def job_of(config: ml_collections.ConfigDict, dtype: str) -> dict[str, Any]:
             "dtype": dtype}
 
 
-def _encode_range(config, mesh, source, start: int, end: int, batch_size: int, dtype: str, out) -> dict:
-    """Writes the records of source[start:end] with their latents to `out` (None: compute only);
-    returns the shard's commit record (counts and failures)."""
-    size, failures = int(config.input.image_size), []
+def _encode_range(config, mesh, source, start: int, end: int, batch_size: int, dtype: str, out,
+                  text=None) -> dict:
+    """Writes the records of source[start:end] with their latents (with an autoencoder) and text
+    states (`text`: (FrozenText, Tokenize)) to `out` (None: compute only); returns the shard's
+    commit record (counts and failures)."""
+    size, failures, encode_images = int(config.input.image_size), [], latent.settings(config) is not None
     for lo in range(start, end, batch_size):
         good, images = [], []
         for i in range(lo, min(lo + batch_size, end)):
             rec = source[i]
+            if not encode_images:  # a text-only cache leaves images to the training pipeline
+                good.append((i, rec))
+                continue
             try:
                 images.append(pipeline.model_image(rec["image"], size))
             except Exception as e:  # one undecodable image costs its record, not the job
@@ -75,30 +84,48 @@ def _encode_range(config, mesh, source, start: int, end: int, batch_size: int, d
             good.append((i, rec))
         if not good:
             continue
-        z = latent.to_model_space(config, mesh, np.stack(images), np.array([i for i, _ in good]), batch_size)
+        added: list[dict] = [{} for _ in good]
+        if encode_images:
+            z = latent.to_model_space(config, mesh, np.stack(images), np.array([i for i, _ in good]), batch_size)
+            for extra, zi in zip(added, z):
+                extra["latent"] = records.encode_array(zi.astype(dtype))
+        if text is not None:
+            states = text_cache.record_fields(*text, config, [rec for _, rec in good], batch_size, dtype)
+            for extra, field in zip(added, states):
+                extra[text_cache.TEXT_KEY] = field
         if out is not None:
-            for (_, rec), zi in zip(good, z):
-                out.write({**rec, "latent": records.encode_array(zi.astype(dtype))})
+            for (_, rec), extra in zip(good, added):
+                out.write({**rec, **extra})
     by_reason = {"bad_image": len(failures)} if failures else {}
     return {"input_start": start, "input_end": end, "inputs": end - start, "failed": len(failures),
             "failed_by_reason": by_reason, "empty_captions": 0, "failures": failures}
 
 
 def precompute(config: ml_collections.ConfigDict, out_dir: str, *, num_shards: int = 1, batch_size: int = 64,
-               dtype: str = "float32", mesh=None) -> dict[str, Any]:
+               dtype: str = "float32", mesh=None, text_states: bool = False) -> dict[str, Any]:
     """Writes the latent cache of T2I config `config` into `out_dir` (see the module docstring);
-    returns the manifest. Shards already committed by an earlier run of the same job are kept."""
-    if latent.settings(config) is None:
+    returns the manifest. Shards already committed by an earlier run of the same job are kept.
+    text_states: also store the frozen text encoder's states of every caption the run's
+    blending can pick (diffusion/text_cache.py); without an autoencoder, only those."""
+    if latent.settings(config) is None and not text_states:
         raise ValueError("the config has no autoencoder (set autoencoder.pretrained or autoencoder.variant, "
-                         "e.g. configs/t2i.py:image_size=128,autoencoder=tiny)")
+                         "e.g. configs/t2i.py:image_size=128,autoencoder=tiny) and text states were not asked "
+                         "for (text_states=True / --text_states): nothing to cache")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
     mesh = mesh or sharding.make_mesh(config.mesh)
+    text = None
+    if text_states:
+        from dalle3_jax.trainers import t2i
+
+        text = (text_cache.FrozenText(config, mesh), t2i.load_tokenize(config))
     source = sources.make_source(config.data)
     n, shards, primary = len(source), int(num_shards), jax.process_index() == 0
     if not 1 <= shards <= max(n, 1):
         raise ValueError(f"num_shards={shards} must be in [1, {n}] for {n} records")
     out, job = LatentDir(out_dir, shards), job_of(config, dtype)
+    if text_states:  # only then: caches made before text states keep their job.json
+        job["text"] = text_cache.job_of(config, dtype)
     if out.read_job() is None:
         if primary:
             out.write_job(job)
@@ -116,7 +143,7 @@ def precompute(config: ml_collections.ConfigDict, out_dir: str, *, num_shards: i
             out.remove_stale(k)
             writer = out.open_shard(k)
         try:
-            record = _encode_range(config, mesh, source, start, end, batch_size, dtype, writer)
+            record = _encode_range(config, mesh, source, start, end, batch_size, dtype, writer, text)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -131,14 +158,20 @@ def precompute(config: ml_collections.ConfigDict, out_dir: str, *, num_shards: i
     return out.finish(job, commits, {"inputs": n, "written": written, "failed": n - written})
 
 
+def read_cache_job(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The job.json of a run's records when data.arrayrecord_pattern names a directory that has one."""
+    pattern = config.data.get("arrayrecord_pattern", "")
+    path = os.path.join(pattern, writer_lib.JOB_FILE) if pattern and os.path.isdir(pattern) else ""
+    return writer_lib.read_json(path) if path and os.path.isfile(path) else None
+
+
 def check_job(config: ml_collections.ConfigDict) -> None:
     """For a run with autoencoder.use_cached: its records' job.json (when the pattern names a
     directory that has one) must describe this run's image size and autoencoder."""
     pattern = config.data.get("arrayrecord_pattern", "")
-    path = os.path.join(pattern, writer_lib.JOB_FILE) if pattern and os.path.isdir(pattern) else ""
-    if not path or not os.path.isfile(path):
+    job = read_cache_job(config)
+    if job is None:
         return
-    job = writer_lib.read_json(path)
     mine = job_of(config, job.get("dtype", "float32"))
     for key in ("image_size", "autoencoder"):
         if job.get(key) != mine[key]:

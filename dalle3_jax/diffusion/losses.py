@@ -84,12 +84,17 @@ def drop_captions(tokens: jax.Array, null_tokens: jax.Array, p: float, rng: jax.
     """Classifier-free guidance dropout: each caption [B, L] becomes the empty caption with prob p.
 
     null_tokens [1, L] is the tokenised empty caption (bos eos pad ...), the same "unconditional"
-    input the samplers pair with the caption.
+    input the samplers pair with the caption. Both may also be pytrees of [B, ...] / [1, ...]
+    arrays (tokens with their cached text-encoder states): every leaf drops the same rows.
     """
     if p <= 0:
         return tokens
-    drop = jax.random.bernoulli(rng, p, (tokens.shape[0],))
-    return jnp.where(drop[:, None], null_tokens.astype(tokens.dtype), tokens)
+    drop = jax.random.bernoulli(rng, p, (jax.tree.leaves(tokens)[0].shape[0],))
+
+    def one(x, null):
+        return jnp.where(drop.reshape((-1,) + (1,) * (x.ndim - 1)), null.astype(x.dtype), x)
+
+    return jax.tree.map(one, tokens, null_tokens)
 
 
 def diffusion_loss(apply: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, rng: jax.Array,

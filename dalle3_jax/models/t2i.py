@@ -96,9 +96,14 @@ class TextToImage(nnx.Module):
         self.unet = unet.create(unet_cfg, rngs=rngs)
         self.image_size, self.channels = unet_cfg.image_size, unet_cfg.in_channels
 
-    def encode_text(self, tokens: jax.Array) -> t5.TextEncoding:
-        """tokens [B, L] -> TextEncoding whose pooled vector includes the token bag."""
-        enc = self.text(tokens)
+    def encode_text(self, tokens: jax.Array, cached: t5.TextEncoding | None = None) -> t5.TextEncoding:
+        """tokens [B, L] -> TextEncoding whose pooled vector includes the token bag.
+
+        cached: the frozen encoder's own output for these tokens, computed ahead of training
+        (diffusion/text_cache.py); the encoder is then not run, the token bag still is."""
+        if cached is not None and not self.text_frozen:
+            raise ValueError("cached text states need a frozen (pretrained) text encoder")
+        enc = self.text(tokens) if cached is None else cached
         if self.text_frozen:  # no backward pass through a frozen encoder
             enc = jax.lax.stop_gradient(enc)
         if self.token_bag is None:

@@ -11,6 +11,8 @@ What the stage adds to the loop:
   latents   with config.autoencoder set, the UNet denoises latents of a frozen autoencoder:
             batches are encoded on the devices before the step (or read from a latent cache)
             and samples are decoded to images (diffusion/latent.py)
+  text      with cached_text_states, a frozen pretrained encoder's states come from the records
+            (diffusion/text_cache.py) and only the token bag runs on the tokens in the step
   evals     validation loss on held-out captions, a sample grid (TensorBoard and
             workdir/samples/step_N.png) and prompt following on eval-split prompts
             (evals/prompt_following.py), all on the EMA weights
@@ -42,7 +44,7 @@ from dalle3_jax.data import pipeline, sources
 from dalle3_jax.data import tokenizer as tokenizer_lib
 from dalle3_jax.diffusion import ema as ema_lib
 from dalle3_jax.diffusion import latent as latent_lib
-from dalle3_jax.diffusion import losses, samplers, schedules
+from dalle3_jax.diffusion import losses, samplers, schedules, text_cache
 from dalle3_jax.models import t2i as t2i_model
 from dalle3_jax.trainers import loop
 
@@ -70,6 +72,9 @@ def default_config(smoke: bool = False, model_variant: str = "S") -> ml_collecti
     c.input.image_size = 32  # must equal model.unet.image_size (in pixel space)
     c.input.max_text_len = 32  # single-object descriptive captions are <= 29 tokens; use 80 for multi-object
     c.autoencoder = latent_lib.default_config()  # latent diffusion (diffusion/latent.py); default: pixels
+    # Read each caption's frozen-encoder states from the records (precompute_latents.py
+    # --text_states; needs model.text_pretrained) instead of running the encoder per step.
+    c.cached_text_states = False
     c.diffusion = schedules.default_config()  # schedule, timesteps, zero terminal SNR
     c.diffusion.prediction = "v"  # v | eps (what the UNet outputs)
     c.diffusion.weighting = "min_snr_plus_one"  # none | min_snr | min_snr_plus_one (diffusion/losses.py)
@@ -126,6 +131,10 @@ def check_config(config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Toke
         raise ValueError(f"the tokenizer has {tokenize.vocab_size} tokens but model.vocab_size is "
                          f"{config.model.vocab_size}; raise model.vocab_size")
     latent_lib.check(config)  # the UNet's input matches the images' (pixel space) or their latents'
+    if text_cache.uses_cache(config):  # a frozen encoder, and a cache made for it and this blending
+        from dalle3_jax.diffusion import latent_cache
+
+        text_cache.check(config, latent_cache.read_cache_job(config))
     if config.caption not in blend_lib.CHOICES:
         raise ValueError(f"caption={config.caption!r}; valid: {', '.join(blend_lib.CHOICES)}")
     if config.sample.sampler not in samplers.SAMPLERS:
@@ -321,18 +330,19 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     source = sources.make_source(config.data)
     caption_field = blend_lib.from_choice(config.caption, config.blend, config.blend_seed)
     null = null_tokens(tokenize, config.input.max_text_len)
+    encode_captions = text_cache.caption_encoder(config, null)  # the encoder, or cached states
     d = config.diffusion
     x0_key = latent_lib.input_key(config)  # "image", or "latent" in latent diffusion
     evaluator = None
 
     def train_data():
         return pipeline.make_loader_from_config(source, config.input, tokenizer=tokenize, caption_field=caption_field,
-                                                cached_latents=latent_lib.uses_cache(config))
+                                                cached_latents=latent_lib.uses_cache(config),
+                                                cached_text=text_cache.uses_cache(config))
 
     def loss_fn(model, batch, rng):
         k_drop, k_loss = jax.random.split(rng)
-        tokens = losses.drop_captions(batch["tokens"], null, float(d.cond_drop), k_drop)
-        enc = model.encode_text(tokens)
+        enc = encode_captions(model, batch, k_drop)  # with guidance dropout
         return losses.diffusion_loss(lambda x, t: model.denoise(x, t, enc), batch[x0_key], k_loss, schedule,
                                      prediction=d.prediction, weighting=d.weighting, gamma=float(d.snr_gamma))
 
@@ -345,7 +355,8 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     ema_on = bool(config.ema.enabled)
     return loop.Task(
         make_model=lambda: make_model(config), loss_fn=loss_fn, train_data=train_data, evaluate=evaluate,
-        batch_keys=latent_lib.batch_keys(config), prepare_batch=latent_lib.prepare_batch(config),
+        batch_keys=latent_lib.batch_keys(config) + text_cache.batch_keys(config),
+        prepare_batch=latent_lib.prepare_batch(config),
         examples_per_step=config.input.global_batch_size,
         make_extra=(lambda m: ema_lib.EMA(m, config.ema.decay, config.ema.warmup)) if ema_on else None,
         after_update=(lambda ts, step: ts.extra.update(ts.model, step)) if ema_on else None,
