@@ -32,12 +32,13 @@ setup(
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # nbclient / nbformat / ipykernel: tests/test_notebook.py executes notebooks/quickstart.ipynb
+        # nbclient / nbformat / ipykernel: tests/test_recipe_pipeline.py executes notebooks/quickstart.ipynb
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3",
                  "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8",
                  # PyTorch CPU builds random reference models for the weight-import parity tests
                  # (dalle3_jax/weights); never imported by the library itself.
-                 "torch==2.13.0", "diffusers>=0.35,<1"],
+                 "torch==2.13.0", "diffusers>=0.35,<1",
+                 "pytest-xdist>=3.6,<4"],  # two test workers (pyproject.toml addopts)
         "bench": [],
     },
 )
