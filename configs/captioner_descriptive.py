@@ -24,7 +24,9 @@ def get_config(arg=None):
     arg = configlib.parse_arg(arg, tiny=False, model="tiny", steps=0, single_object=False, image_size=0, data="world",
                               init_from="workdirs/captioner_pretrain/checkpoints")
     c = captioner.finetune_config(arg, caption_field="descriptive")
-    c.optim.lr = 1e-3  # as high as pretraining: the vision tower still has most to learn
+    # 3e-3: after 3000 steps fact recall 0.72 and precision 0.75, against 0.62 and 0.65 at 1e-3 (the
+    # vision tower still has most to learn; the quick pipeline's one-object captioners use it too).
+    c.optim.lr = 3e-3
     if not arg.tiny:
         c.total_steps = 3000
         c.log_every = 100
