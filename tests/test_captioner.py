@@ -80,6 +80,39 @@ def test_finetune_starts_from_pretrain_and_cli_matches(pretrained, tmp_path):
     assert first(fresh_dir) != pytest.approx(first(workdir), rel=1e-3)
 
 
+def test_init_from_strict_and_loose(pretrained, tmp_path):
+    """A fine-tune whose model differs from the pretrained one (no caption queries) is refused
+    by default and, with init_strict=False, starts from every pretrained param it shares."""
+    from flax import nnx
+
+    from dalle3_jax import checkpoint
+    from dalle3_jax.trainers import captioner
+
+    pre_dir, _ = pretrained
+    config = _config("captioner_descriptive", f"tiny,init_from={pre_dir}/checkpoints")
+    config.model.n_caption_queries = 0
+    config.total_steps = 1
+    with pytest.raises(ValueError, match="caption_pool"):
+        _train(config, str(tmp_path / "strict"), evaluate=False)
+    config.init_strict = False
+    config.optim.lr = 0.0  # the saved step-1 params are then exactly the initial ones
+    loose = str(tmp_path / "loose")
+    _train(config, loose, evaluate=False)
+
+    def params(cfg, directory):
+        model = captioner.make_model(cfg)
+        checkpoint.load_model_weights(directory, model)
+        flat, _ = checkpoint.flatten_state(nnx.state(model, nnx.Param))
+        return {k: np.asarray(checkpoint._value(v)) for k, v in flat.items()}
+
+    pre = params(_config("captioner_pretrain"), f"{pre_dir}/checkpoints")
+    new = params(config, f"{loose}/checkpoints")
+    shared = [k for k in new if k in pre]
+    assert len(shared) == len(new) and any("caption_pool" in k for k in pre)
+    for key in shared:
+        np.testing.assert_array_equal(new[key], pre[key], err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def single_device_run(tmp_path_factory):
     return _strategy_run(str(tmp_path_factory.mktemp("single")), strategies.SINGLE_DEVICE)

@@ -112,3 +112,14 @@ def test_registry_and_recipe_size():
     recipe = nnx.eval_shape(lambda: models.get("unet", models.config("unet", "S")))
     # The recipe: a ~1.2M-parameter UNet with channels 16/32/64.
     assert 1.1e6 < models.param_count(recipe) < 1.4e6
+
+
+@pytest.mark.parametrize("scale", [0.02, 0.5])
+def test_token_bag_init_sets_the_embedding_scale(scale):
+    cfg = t2i.config("tiny", token_bag_init=scale)
+    model = t2i.create(cfg, rngs=nnx.Rngs(0))
+    table = np.asarray(model.token_bag[...])
+    assert table.shape == (cfg.vocab_size, model.text.width)
+    assert abs(float(table.std()) / scale - 1.0) < 0.05
+    with pytest.raises(KeyError, match="token_bag_scale"):
+        t2i.config("tiny", token_bag_scale=scale)  # a misspelt field is refused, not ignored

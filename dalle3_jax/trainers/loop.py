@@ -102,6 +102,9 @@ def loop_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # newest checkpoints kept on disk
     c.seed = 0  # model init and per-step randomness (dropout, sampling, noise)
     c.init_from = ""  # "DIR" or "DIR:STEP" of another run whose params start this one
+    # False: params that init_from lacks, or has with another shape, keep their fresh init and
+    # params it has that the new model lacks are ignored (all listed in the log); True: an error.
+    c.init_strict = True
     c.record_examples = False  # log each step's example indices to DIR/examples/ (exactly-once audits)
     # Compute dtype of every sub-model: "float32" | "bfloat16" (bf16 matmuls and convolutions; the
     # parameters, gradients, optimizer state, EMA, norms, softmax, logits and losses stay float32);
@@ -315,7 +318,8 @@ def _run(config, task: Task, ctor, mesh, ckpt, writer, stop: _StopRequest) -> tu
         return nnx.state(ts)
 
     state, step, source = checkpoint_lib.restore_or_init(
-        ckpt, abstract, fresh_state, init_from=config.init_from or None, data_iter=loader_iter
+        ckpt, abstract, fresh_state, init_from=config.init_from or None, data_iter=loader_iter,
+        strict=config.get("init_strict", True)
     )
     nnx.update(ts, state)
     log.info("starting at step %d of %d (%s)", step, total, source)
