@@ -86,6 +86,18 @@ def test_caption_dropout_rate():
     assert np.all(dropped | kept) and abs(dropped.mean() - 0.1) < 0.02
 
 
+def test_high_noise_timestep_sampling():
+    uniform = np.asarray(losses.sample_timesteps(jax.random.key(0), 20000, 1000))
+    assert uniform.min() >= 0 and uniform.max() <= 999 and abs((uniform >= 800).mean() - 0.2) < 0.015
+    mixed = np.asarray(losses.sample_timesteps(jax.random.key(0), 20000, 1000, 0.5, 800))
+    # Half the examples from 800..999, the other half uniform: 0.5 + 0.5 * 0.2 at or above 800.
+    assert mixed.min() >= 0 and mixed.max() <= 999 and abs((mixed >= 800).mean() - 0.6) < 0.015
+    assert abs((mixed < 400).mean() - 0.2) < 0.015  # the uniform half still covers low noise
+    for bad in (dict(high_noise_prob=1.5), dict(high_noise_start=1000)):
+        with pytest.raises(ValueError, match="high_noise"):
+            losses.sample_timesteps(jax.random.key(0), 4, 1000, **{"high_noise_prob": 0.5, **bad})
+
+
 def test_timesteps_are_trailing():
     assert samplers.timesteps(1000, 4).tolist() == [999, 749, 499, 249]
     assert samplers.timesteps(10, 10).tolist() == list(range(9, -1, -1))

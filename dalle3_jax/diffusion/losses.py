@@ -97,17 +97,45 @@ def drop_captions(tokens: jax.Array, null_tokens: jax.Array, p: float, rng: jax.
     return jax.tree.map(one, tokens, null_tokens)
 
 
+def check_high_noise(high_noise_prob: float, high_noise_start: int, timesteps: int) -> None:
+    """Raises ValueError unless 0 <= high_noise_prob <= 1 and 0 <= high_noise_start < timesteps."""
+    if not 0.0 <= high_noise_prob <= 1.0:
+        raise ValueError(f"diffusion.high_noise_prob must be in [0, 1], got {high_noise_prob}")
+    if not 0 <= high_noise_start < timesteps:
+        raise ValueError(f"diffusion.high_noise_start must be in [0, {timesteps}), got {high_noise_start}")
+
+
+def sample_timesteps(rng: jax.Array, batch: int, timesteps: int, high_noise_prob: float = 0.0,
+                     high_noise_start: int = 800) -> jax.Array:
+    """Integer timesteps [B]: uniform over 0..T-1, except that each example with probability
+    `high_noise_prob` is drawn uniformly from high_noise_start..T-1 instead.
+
+    Over-sampling the high-noise end gives more of each batch to the steps where a caption alone
+    must say what goes where (the noisy image shows little there); it raises their share of the
+    loss by the same factor, a weighting chosen on purpose, so the per-example weights are kept.
+    """
+    check_high_noise(high_noise_prob, high_noise_start, timesteps)
+    k_u, k_hi, k_pick = jax.random.split(rng, 3)
+    t = jax.random.randint(k_u, (batch,), 0, timesteps)
+    if high_noise_prob <= 0.0:
+        return t
+    hi = jax.random.randint(k_hi, (batch,), high_noise_start, timesteps)
+    return jnp.where(jax.random.bernoulli(k_pick, high_noise_prob, (batch,)), hi, t)
+
+
 def diffusion_loss(apply: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, rng: jax.Array,
                    schedule: Schedule, *, prediction: str = "v", weighting: str = "min_snr_plus_one",
-                   gamma: float = 5.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   gamma: float = 5.0, high_noise_prob: float = 0.0,
+                   high_noise_start: int = 800) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The denoising loss on clean images x0 [B, H, W, C].
 
-    apply(x_t, t) -> network output, t float timesteps [B]. Timesteps are uniform over 0..T-1.
+    apply(x_t, t) -> network output, t float timesteps [B]. Timesteps come from
+    `sample_timesteps` (uniform over 0..T-1 unless high_noise_prob > 0).
     Returns (weighted mean loss, metrics: the unweighted prediction MSE and the x0 MSE).
     """
     k_t, k_noise = jax.random.split(rng)
     b = x0.shape[0]
-    t = jax.random.randint(k_t, (b,), 0, schedule.timesteps)
+    t = sample_timesteps(k_t, b, schedule.timesteps, high_noise_prob, high_noise_start)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     alpha, sigma = schedule.alpha_sigma(t)
     x_t = _expand(alpha, x0.ndim) * x0 + _expand(sigma, x0.ndim) * noise

@@ -80,6 +80,10 @@ def default_config(smoke: bool = False, model_variant: str = "S") -> ml_collecti
     c.diffusion.weighting = "min_snr_plus_one"  # none | min_snr | min_snr_plus_one (diffusion/losses.py)
     c.diffusion.snr_gamma = 5.0  # the cap of the min-SNR weightings
     c.diffusion.cond_drop = 0.1  # chance a caption is replaced by the empty one (guidance dropout)
+    # Chance an example's timestep is drawn from high_noise_start..T-1 instead of 0..T-1
+    # (diffusion/losses.py sample_timesteps); 0 = uniform timesteps.
+    c.diffusion.high_noise_prob = 0.0
+    c.diffusion.high_noise_start = 800  # where the over-sampled high-noise range begins
     c.ema = ml_collections.ConfigDict()
     c.ema.enabled = True  # keep EMA weights (evals and sampling use them)
     c.ema.decay = 0.999  # the EMA decay after warm-up
@@ -141,6 +145,8 @@ def check_config(config: ml_collections.ConfigDict, tokenize: tokenizer_lib.Toke
         raise ValueError(f"sample.sampler={config.sample.sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
     schedule = schedules.from_config(config.diffusion)
     losses.check(config.diffusion.prediction, config.diffusion.weighting, schedule)
+    losses.check_high_noise(float(config.diffusion.get("high_noise_prob", 0.0)),
+                            int(config.diffusion.get("high_noise_start", 800)), schedule.timesteps)
     return schedule
 
 
@@ -344,7 +350,9 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
         k_drop, k_loss = jax.random.split(rng)
         enc = encode_captions(model, batch, k_drop)  # with guidance dropout
         return losses.diffusion_loss(lambda x, t: model.denoise(x, t, enc), batch[x0_key], k_loss, schedule,
-                                     prediction=d.prediction, weighting=d.weighting, gamma=float(d.snr_gamma))
+                                     prediction=d.prediction, weighting=d.weighting, gamma=float(d.snr_gamma),
+                                     high_noise_prob=float(d.get("high_noise_prob", 0.0)),
+                                     high_noise_start=int(d.get("high_noise_start", 800)))
 
     def evaluate(model, step):
         nonlocal evaluator
