@@ -115,10 +115,10 @@ def sample_timesteps(rng: jax.Array, batch: int, timesteps: int, high_noise_prob
     loss by the same factor, a weighting chosen on purpose, so the per-example weights are kept.
     """
     check_high_noise(high_noise_prob, high_noise_start, timesteps)
+    if high_noise_prob <= 0.0:  # the uniform draw from `rng` itself, as before the option existed
+        return jax.random.randint(rng, (batch,), 0, timesteps)
     k_u, k_hi, k_pick = jax.random.split(rng, 3)
     t = jax.random.randint(k_u, (batch,), 0, timesteps)
-    if high_noise_prob <= 0.0:
-        return t
     hi = jax.random.randint(k_hi, (batch,), high_noise_start, timesteps)
     return jnp.where(jax.random.bernoulli(k_pick, high_noise_prob, (batch,)), hi, t)
 
